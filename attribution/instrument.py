@@ -1,0 +1,399 @@
+"""The one module that touches transformers internals.
+
+Everything headprune does to attention goes through here: capturing attention probabilities
+(and their gradients), replacing one layer's probabilities, gating each head's output, running the
+encoder from a given layer on, and slicing heads out of the projections.
+
+transformers 5 removed ``head_mask`` and ``prune_heads``; the supported extension point is the
+attention interface. We register one implementation, ``"headprune"``, with both
+``AttentionInterface`` and ``AttentionMaskInterface`` (without the latter, padding masks would be
+silently dropped) and switch a model to it only while instrumenting, so an uninstrumented model
+keeps its fastest backend (SDPA).
+
+Head indices: a physically pruned layer keeps a subset of its original heads. Gates, captured
+attentions and replacements speak in the layer's *current* heads; :func:`kept_heads` maps them back
+to the original indices, which is what results (``HeadScores``, ``[B, L, H, T, T]``) use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from attribution.errors import HeadpruneError
+
+ATTN_IMPLEMENTATION = "headprune"
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Where a model family keeps the pieces we need, as attribute paths."""
+
+    layers: str  # from the base model to the ModuleList of encoder layers
+    attention: str  # from a layer to the module that calls the attention interface
+    query: str
+    key: str
+    value: str
+    output: str  # from a layer to the output projection (input columns = heads)
+    output_inside_attention: bool  # DistilBERT applies out_lin inside the attention module
+
+
+_BERT_LIKE = _Family(
+    "encoder.layer", "attention.self", "query", "key", "value", "attention.output.dense", False
+)
+_FAMILIES: dict[str, _Family] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "distilbert": _Family(
+        "transformer.layer", "attention", "q_lin", "k_lin", "v_lin", "attention.out_lin", True
+    ),
+}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
+
+
+def _get(obj: object, path: str) -> nn.Module:
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj  # type: ignore[return-value]
+
+
+def model_family(model: nn.Module) -> _Family:
+    """The family description of a supported model; one clear error for anything else."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _FAMILIES:
+        raise HeadpruneError(
+            f"model type {model_type!r} is not supported; headprune supports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} encoders"
+        )
+    return _FAMILIES[model_type]
+
+
+def encoder_layers(model: PreTrainedModel) -> list[nn.Module]:
+    """The model's encoder layers, bottom to top."""
+    family = model_family(model)
+    return list(_get(model.base_model, family.layers))
+
+
+def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """Per layer, the module that calls the attention interface (the one we instrument)."""
+    family = model_family(model)
+    return [_get(layer, family.attention) for layer in encoder_layers(model)]
+
+
+def head_size(model: PreTrainedModel) -> int:
+    """Width of one head (d_h)."""
+    return attention_modules(model)[0].attention_head_size
+
+
+def original_num_heads(model: PreTrainedModel) -> int:
+    """Heads per layer before any pruning (H in ``[L, H]`` results)."""
+    config = model.config
+    return int(getattr(config, "num_attention_heads", None) or config.n_heads)
+
+
+def kept_heads(model: PreTrainedModel) -> list[list[int]]:
+    """Per layer, the original indices of the heads still present (all of them if never pruned)."""
+    heads = original_num_heads(model)
+    return [list(getattr(m, "headprune_kept_heads", range(heads))) for m in attention_modules(model)]
+
+
+def heads_per_layer(model: PreTrainedModel) -> list[int]:
+    """Per layer, how many heads it has now."""
+    return [len(k) for k in kept_heads(model)]
+
+
+# --------------------------------------------------------------------------------------------
+# The attention implementation
+# --------------------------------------------------------------------------------------------
+
+
+class AttentionProbe:
+    """Instruments a model's self-attention for the duration of a ``with`` block.
+
+    Settings can change between forward passes inside the block:
+
+    - ``capture``: record each layer's attention probabilities ``[B, H_l, T, T]`` in
+      ``attentions[layer]``; when they require grad, their ``.grad`` is retained after backward.
+    - ``gates[layer]``: ``[H_l]`` or ``[B, H_l]`` multipliers of each head's output (differentiable;
+      a zero gate removes the head exactly as physical pruning does).
+    - ``replace[layer]``: a tensor ``[B, H_l, T, T]`` used instead of the layer's probabilities, or
+      a callable ``probs -> probs``.
+    - ``layers``: restrict capture to these layers (all by default).
+
+    On exit, the model's previous attention implementation is restored, exceptions included.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        capture: bool = False,
+        layers: list[int] | None = None,
+    ) -> None:
+        self.model = model
+        self.capture = capture
+        self.layers = None if layers is None else set(layers)
+        self.gates: dict[int, torch.Tensor] = {}
+        self.replace: dict[int, torch.Tensor | Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.attentions: dict[int, torch.Tensor] = {}
+        self._modules = attention_modules(model)
+        self._previous: str | None = None
+
+    def __enter__(self) -> AttentionProbe:
+        for index, module in enumerate(self._modules):
+            if getattr(module, "_headprune_probe", None) is not None:
+                raise HeadpruneError("this model is already instrumented by another AttentionProbe")
+            module._headprune_probe = (self, index)
+        self._previous = _use_headprune_attention(self.model)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for module in self._modules:
+            module._headprune_probe = None
+        _restore_attention(self.model, self._previous)
+        self.attentions = {}
+
+    def clear(self) -> None:
+        """Forget captured attentions (call between forward passes to free memory)."""
+        self.attentions = {}
+
+    def _wants(self, layer: int) -> bool:
+        return self.capture and (self.layers is None or layer in self.layers)
+
+
+def _use_headprune_attention(model: PreTrainedModel) -> str:
+    previous = model.config._attn_implementation
+    if previous != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return previous
+
+
+def _restore_attention(model: PreTrainedModel, previous: str | None) -> None:
+    # A persistent head mask needs our implementation to stay on.
+    wanted = ATTN_IMPLEMENTATION if _has_persistent_mask(model) else (previous or "sdpa")
+    if wanted == ATTN_IMPLEMENTATION and model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    elif wanted != model.config._attn_implementation:
+        model.set_attn_implementation(wanted)
+
+
+def _headprune_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with hooks. query/key/value ``[B, H, T, d_h]`` -> (``[B, T, H, d_h]``, probs)."""
+    probe, layer = getattr(module, "_headprune_probe", None) or (None, -1)
+    replacement = probe.replace.get(layer) if probe is not None else None
+
+    if isinstance(replacement, torch.Tensor):
+        probs = replacement
+    else:
+        if scaling is None:
+            scaling = query.size(-1) ** -0.5
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attention_mask
+        probs = torch.softmax(scores, dim=-1)
+        if replacement is not None:
+            probs = replacement(probs)
+
+    if probe is not None and probe._wants(layer):
+        if probs.requires_grad:
+            probs.retain_grad()
+        probe.attentions[layer] = probs
+
+    dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(dropped, value)
+
+    gate = getattr(module, "headprune_head_mask", None)
+    if probe is not None and layer in probe.gates:
+        gate = probe.gates[layer] if gate is None else gate * probe.gates[layer]
+    if gate is not None:
+        gate = gate.to(output.dtype)
+        output = output * (gate[:, :, None, None] if gate.dim() == 2 else gate[None, :, None, None])
+
+    return output.transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _headprune_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Persistent head masks
+# --------------------------------------------------------------------------------------------
+
+
+def _has_persistent_mask(model: PreTrainedModel) -> bool:
+    return any(getattr(m, "headprune_head_mask", None) is not None for m in attention_modules(model))
+
+
+def get_head_mask(model: PreTrainedModel) -> list[torch.Tensor | None]:
+    """Per layer, the persistent gate ``[H_l]`` or None."""
+    return [getattr(m, "headprune_head_mask", None) for m in attention_modules(model)]
+
+
+def set_head_mask(model: PreTrainedModel, mask: list[torch.Tensor | None] | None) -> None:
+    """Set (or with None clear) persistent per-layer head gates ``[H_l]`` (current heads).
+
+    While any gate is set the model runs on headprune's eager implementation; clearing every gate
+    returns it to SDPA.
+    """
+    modules = attention_modules(model)
+    if mask is None:
+        mask = [None] * len(modules)
+    if len(mask) != len(modules):
+        raise HeadpruneError(f"head mask has {len(mask)} layers, the model has {len(modules)}")
+    sizes = heads_per_layer(model)
+    for layer, (module, gate) in enumerate(zip(modules, mask, strict=True)):
+        if gate is not None:
+            gate = torch.as_tensor(gate, dtype=torch.float32)
+            if gate.shape != (sizes[layer],):
+                raise HeadpruneError(
+                    f"head mask of layer {layer} has shape {tuple(gate.shape)}, expected ({sizes[layer]},)"
+                )
+            gate = gate.to(next(model.parameters()).device)
+        module.headprune_head_mask = gate
+    if _has_persistent_mask(model):
+        _use_headprune_attention(model)
+    elif model.config._attn_implementation == ATTN_IMPLEMENTATION and not any(
+        getattr(m, "_headprune_probe", None) for m in modules
+    ):
+        model.set_attn_implementation("sdpa")
+
+
+# --------------------------------------------------------------------------------------------
+# Running the encoder from a given layer
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def start_at_layer(model: PreTrainedModel, layer: int, hidden_states: torch.Tensor) -> Iterator[None]:
+    """Inside the block, a forward pass feeds ``hidden_states`` ``[B, T, D]`` into encoder ``layer``.
+
+    The layers below are skipped (they return ``hidden_states`` unchanged), so only layers
+    ``layer..L-1`` and the task head compute. The batch passed to the model must have the same
+    ``B`` and ``T``: its ids still drive the padding mask (the embeddings compute and are ignored).
+    """
+    layers = encoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise HeadpruneError(f"layer {layer} out of range 0..{len(layers) - 1}")
+
+    def skipped(self: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states
+
+    try:
+        for lower in layers[:layer]:
+            lower.forward = types.MethodType(skipped, lower)
+        yield
+    finally:
+        for lower in layers[:layer]:
+            lower.__dict__.pop("forward", None)
+
+
+def layer_inputs(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The hidden states entering each encoder layer, ``L`` tensors ``[B, T, D]`` (no grad)."""
+    with torch.no_grad():
+        output = model(**inputs, output_hidden_states=True)
+    return list(output.hidden_states[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Physical head removal
+# --------------------------------------------------------------------------------------------
+
+
+def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping ``index`` along ``dim`` (0: output rows, 1: input columns)."""
+    weight = linear.weight.detach().index_select(dim, index).clone()
+    bias = None
+    if linear.bias is not None:
+        bias = linear.bias.detach().clone() if dim == 1 else linear.bias.detach()[index].clone()
+    out_features, in_features = weight.shape
+    with warnings.catch_warnings():  # initialising a zero-width Linear warns; we overwrite it anyway
+        warnings.simplefilter("ignore", UserWarning)
+        new = nn.Linear(
+            in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def _set(obj: object, path: str, value: nn.Module) -> None:
+    *parents, name = path.split(".")
+    for parent in parents:
+        obj = getattr(obj, parent)
+    setattr(obj, name, value)
+
+
+def _empty_attention_forward(self: nn.Module, hidden_states: torch.Tensor, *args: object, **kwargs: object):
+    # A layer with no heads left: the context is empty, so the output projection gives its bias.
+    context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
+    inner_output = getattr(self, "_headprune_inner_output", None)
+    return (getattr(self, inner_output)(context) if inner_output else context), None
+
+
+def keep_heads_in_layer(model: PreTrainedModel, layer: int, keep: list[int]) -> None:
+    """Keep only the heads ``keep`` (original indices, a subset of those present) of ``layer``.
+
+    Slices the query/key/value output rows and the output projection's input columns. A layer
+    left with no heads then contributes exactly its output projection's bias.
+    """
+    family = model_family(model)
+    layer_module = encoder_layers(model)[layer]
+    attention = _get(layer_module, family.attention)
+    present = kept_heads(model)[layer]
+    if sorted(set(keep)) != sorted(keep) or not set(keep) <= set(present):
+        raise HeadpruneError(f"layer {layer}: heads {sorted(keep)} are not a subset of the present {present}")
+    keep = sorted(keep)
+    if keep == present:
+        return
+    d_h = attention.attention_head_size
+    positions = [present.index(h) for h in keep]
+    index = torch.tensor(
+        [p * d_h + i for p in positions for i in range(d_h)], dtype=torch.long,
+        device=_get(attention, family.query).weight.device,
+    )
+    for name in (family.query, family.key, family.value):
+        _set(attention, name, _slice_linear(_get(attention, name), index, dim=0))
+    _set(layer_module, family.output, _slice_linear(_get(layer_module, family.output), index, dim=1))
+
+    # Keep the bookkeeping attributes truthful (forward itself reshapes with -1 heads).
+    for count_attr in ("num_attention_heads", "n_heads"):
+        if hasattr(attention, count_attr):
+            setattr(attention, count_attr, len(keep))
+    for size_attr in ("all_head_size",):
+        if hasattr(attention, size_attr):
+            setattr(attention, size_attr, len(keep) * d_h)
+    attention.headprune_kept_heads = keep
+    mask = getattr(attention, "headprune_head_mask", None)
+    if mask is not None:
+        attention.headprune_head_mask = mask[positions] if keep else None
+    if not keep:
+        if family.output_inside_attention:
+            attention._headprune_inner_output = family.output.rsplit(".", 1)[-1]
+        attention.forward = types.MethodType(_empty_attention_forward, attention)
