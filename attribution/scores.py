@@ -76,13 +76,12 @@ class HeadScores:
         return ranks.view(self.shape)
 
     def spearman(self, other: HeadScores) -> float:
-        """Spearman rank correlation with another scoring of the same heads."""
+        """Spearman rank correlation with another scoring of the same heads (ties get average ranks)."""
+        from scipy.stats import spearmanr
+
         if other.shape != self.shape:
             raise HeadpruneError(f"cannot compare head scores of shape {self.shape} and {other.shape}")
-        a = self.ranks().flatten().double()
-        b = other.ranks().flatten().double()
-        a, b = a - a.mean(), b - b.mean()
-        return float((a * b).sum() / (a.norm() * b.norm()))
+        return float(spearmanr(self.values.flatten().numpy(), other.values.flatten().numpy()).statistic)
 
     def normalized(self, kind: str = "layer_l2") -> HeadScores:
         """A copy normalised by ``layer_l2`` (Michel et al.: each layer to unit L2 norm) or ``max``."""

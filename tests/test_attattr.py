@@ -1,0 +1,148 @@
+"""AttAttr: equality with the slow reference and with captum, completeness, padding, options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import IntegratedGradients
+
+from attribution import AttAttr, instrument
+from attribution.errors import HeadpruneError
+from tests.conftest import FAMILIES, pad_id, padded_batch, sharp_model, tiny_model
+from tests.reference import reference_attattr
+
+
+@pytest.fixture
+def bert():
+    """Large attributions, so that absolute tolerances of 1e-6 mean something."""
+    return sharp_model()
+
+
+@pytest.fixture
+def batch():
+    return padded_batch(seed=5)
+
+
+@pytest.mark.parametrize("method", ["riemann_right", "riemann_left", "gausslegendre"])
+def test_equals_slow_reference(bert, batch, method):
+    fast, delta = AttAttr(bert).attribute(batch, n_steps=7, method=method, return_convergence_delta=True)
+    slow, slow_delta = reference_attattr(bert, batch, n_steps=7, method=method)
+    assert fast.shape == (3, 3, 4, 7, 7) and delta.shape == (3, 3)
+    torch.testing.assert_close(fast.double(), slow, atol=1e-5, rtol=0)
+    torch.testing.assert_close(delta.double(), slow_delta, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_equals_slow_reference_other_families(family):
+    model = tiny_model(family)
+    batch = padded_batch(pad_id=pad_id(model))
+    labels = torch.tensor([0, 2, 1])
+    fast = AttAttr(model, output="logit").attribute(batch, target=labels, n_steps=5)
+    slow, _ = reference_attattr(model, batch, target=labels, n_steps=5, output="logit")
+    torch.testing.assert_close(fast.double(), slow, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "method", ["riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
+)
+def test_equals_captum_integrated_gradients(method):
+    """captum's IG of the per-layer function F(A_l) with a zero baseline is AttAttr by definition.
+
+    captum's trapezoid weights sum to (n-1)/n (its alphas are spaced 1/(n-1) but its steps are 1/n);
+    ours are the textbook rule, summing to 1, so completeness holds: they differ by that factor.
+    """
+    bert, batch = sharp_model(), padded_batch(seed=5)
+    example = {k: v[1:2, :5] for k, v in batch.items()}  # one example, padding cut
+    layer = 1
+    with torch.no_grad(), instrument.AttentionProbe(bert, capture=True) as probe:
+        logits = bert(**example).logits
+        attention = probe.attentions[layer].clone()
+    target = int(logits.argmax())
+
+    def forward(scaled_attention: torch.Tensor) -> torch.Tensor:
+        rows = scaled_attention.shape[0]
+        with instrument.AttentionProbe(bert) as probe:
+            probe.replace[layer] = scaled_attention
+            out = bert(**{k: v.expand(rows, -1) for k, v in example.items()}).logits
+        return torch.softmax(out, dim=-1)[:, target]
+
+    expected = IntegratedGradients(forward).attribute(
+        attention, baselines=torch.zeros_like(attention), n_steps=9, method=method
+    )
+    if method == "riemann_trapezoid":
+        expected = expected * 9 / 8
+    ours = AttAttr(bert).attribute(example, n_steps=9, method=method, layers=[layer])
+    assert expected.abs().max() > 1e-2  # attributions large enough for the comparison to mean something
+    torch.testing.assert_close(ours[0, 0], expected[0].float(), atol=1e-6, rtol=1e-4)
+
+
+def test_completeness_improves_with_steps_and_gauss_legendre_is_within_one_percent():
+    model = sharp_model()
+    batch = padded_batch(seed=5)
+    explainer = AttAttr(model)
+    errors = {}
+    for steps in (2, 5, 20):
+        _, delta = explainer.attribute(batch, n_steps=steps, return_convergence_delta=True)
+        errors[steps] = delta.abs().mean().item()
+    assert errors[2] > errors[5] > errors[20]
+    attr, delta = explainer.attribute(batch, n_steps=20, method="gausslegendre", return_convergence_delta=True)
+    gap = attr.sum(dim=(2, 3, 4)) - delta  # = F(A) - F(0) per example and layer
+    assert gap.abs().min() > 1e-3  # the check below is not vacuous
+    assert (delta.abs() <= 0.01 * gap.abs()).all()
+
+
+def test_example_alone_equals_example_in_padded_batch(bert, batch):
+    together = AttAttr(bert).attribute(batch, n_steps=5)
+    for row in range(3):
+        n = int(batch["attention_mask"][row].sum())
+        alone = AttAttr(bert).attribute({k: v[row : row + 1, :n] for k, v in batch.items()}, n_steps=5)
+        torch.testing.assert_close(together[row, :, :, :n, :n], alone[0], atol=1e-6, rtol=0)
+        assert together[row, :, :, n:, :].abs().sum() == 0  # padding rows exactly zero
+        assert together[row, :, :, :, n:].abs().sum() == 0  # padding columns exactly zero
+
+
+def test_internal_batch_size_and_layer_selection_do_not_change_results(bert, batch):
+    explainer = AttAttr(bert)
+    full = explainer.attribute(batch, n_steps=6)
+    chunked = explainer.attribute(batch, n_steps=6, internal_batch_size=4)
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=0)
+    some = explainer.attribute(batch, n_steps=6, layers=[2, 0])
+    torch.testing.assert_close(some, full[:, [2, 0]], atol=1e-6, rtol=0)
+
+
+def test_targets_and_outputs(bert, batch):
+    explainer = AttAttr(bert)
+    logits = bert(**batch).logits
+    predicted = explainer.attribute(batch, n_steps=4)
+    explicit = explainer.attribute(batch, target=logits.argmax(-1), n_steps=4)
+    torch.testing.assert_close(predicted, explicit)
+    _, delta = AttAttr(bert, output="loss").attribute(
+        batch, target=torch.tensor([0, 1, 2]), n_steps=4, return_convergence_delta=True
+    )
+    assert delta.shape == (3, 3)
+    with pytest.raises(HeadpruneError, match="target classes"):
+        explainer.attribute(batch, target=7)
+    with pytest.raises(HeadpruneError, match="unknown output"):
+        AttAttr(bert, output="margin")
+    with pytest.raises(HeadpruneError, match="unknown integration method"):
+        explainer.attribute(batch, method="simpson")
+    with pytest.raises(HeadpruneError, match="layers must lie"):
+        explainer.attribute(batch, layers=[3])
+    with pytest.raises(HeadpruneError, match="tokenizer batch"):
+        explainer.attribute({"ids": batch["input_ids"]})
+
+
+def test_model_state_is_restored(bert, batch):
+    bert.train()
+    AttAttr(bert).attribute(batch, n_steps=2)
+    assert bert.training
+    assert all(p.requires_grad for p in bert.parameters())
+    assert all(p.grad is None for p in bert.parameters())
+    assert bert.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_supported_family_runs(family):
+    model = tiny_model(family)
+    attr, delta = AttAttr(model).attribute(padded_batch(pad_id=pad_id(model)), n_steps=3, return_convergence_delta=True)
+    assert attr.shape == (3, 3, 4, 7, 7) and torch.isfinite(attr).all() and torch.isfinite(delta).all()
