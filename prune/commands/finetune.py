@@ -1,0 +1,85 @@
+"""``headprune finetune``: fine-tune a sequence classifier, or find it already cached."""
+
+from __future__ import annotations
+
+import argparse
+
+from attribution.models import DEFAULT_BASE_MODEL, DEFAULT_FINETUNE_CONFIG
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the fine-tuning options (defaults: the embedded MiniLM-on-tweets classifier)."""
+    defaults = DEFAULT_FINETUNE_CONFIG
+    parser.add_argument(
+        "--base",
+        default=DEFAULT_BASE_MODEL,
+        help="base encoder: 'minilm' (embedded), a local directory or a hub id (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data",
+        default=defaults["data"],
+        help="'tweets' (embedded), a hub name[:config] or a .csv/.json/.jsonl file (default: %(default)s)",
+    )
+    parser.add_argument("--text-column", default=None, help="text column of --data (guessed if omitted)")
+    parser.add_argument("--text-pair-column", default=None, help="second text column for sentence-pair tasks")
+    parser.add_argument("--label-column", default=None, help="label column of --data (guessed if omitted)")
+    parser.add_argument(
+        "--train-examples",
+        type=int,
+        default=defaults["train_examples"],
+        help="training examples taken from the train split (default: %(default)s)",
+    )
+    parser.add_argument("--epochs", type=int, default=defaults["epochs"], help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="(default: %(default)s)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=defaults["max_length"],
+        help="tokens per example after truncation (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="training seed (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where to save the model (default: the headprune cache, keyed by the arguments)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fine-tune (or reuse the cache) and print where the model is and how well it does."""
+    from attribution.data import DataSpec
+    from prune.finetune import finetune
+
+    data: DataSpec | str = args.data
+    if args.text_column or args.text_pair_column or args.label_column:
+        data = DataSpec(
+            name=args.data,
+            text_column=args.text_column,
+            text_pair_column=args.text_pair_column,
+            label_column=args.label_column,
+        )
+    result = finetune(
+        args.base,
+        data,
+        train_examples=args.train_examples,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        out_dir=args.out,
+        progress=not args.quiet,
+    )
+    print(f"model: {result.path}")
+    for split in ("validation", "test"):
+        values = result.metrics.get(split, {})
+        extra = "".join(f"  {k} {v:.4f}" for k, v in values.items() if k != "accuracy")
+        print(f"{split} accuracy: {values.get('accuracy', float('nan')):.4f}{extra}")
+    if result.cached:
+        print(f"cache: reused (no training; the original run took {result.seconds:.0f} s)")
+    else:
+        print(f"cache: trained now in {result.seconds:.0f} s and saved")
+    return 0

@@ -1,0 +1,262 @@
+"""attribution.data: split loading, column handling, and padded batches."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from attribution.data import (
+    DataSpec,
+    encode,
+    iter_batches,
+    label_names,
+    load_splits,
+    restore_order,
+    tweets_csv_path,
+)
+from attribution.errors import HeadpruneError
+
+WORDS = "the movie is very good great fine bad awful not a plot actor was".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A tiny offline WordPiece tokenizer over WORDS (no hub, no real model)."""
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def review_rows(n: int) -> list[dict]:
+    """n reviews of varied length; label alternates pos/neg/neutral-ish by a fixed rule."""
+    rows = []
+    for i in range(n):
+        length = 1 + (i * 7) % 11
+        words = [WORDS[(i + j) % len(WORDS)] for j in range(length)]
+        rows.append({"review": " ".join(words), "stars": ["neg", "pos", "mid"][i % 3], "other": i})
+    return rows
+
+
+def as_multiset(split: datasets.Dataset) -> Counter:
+    return Counter(zip(split["text"], split["label"], strict=True))
+
+
+# ------------------------------------------------------------------------------------------
+# the embedded tweets
+
+
+@pytest.fixture(scope="module")
+def tweets() -> datasets.DatasetDict:
+    return load_splits("tweets")
+
+
+def test_tweets_sizes_and_labels(tweets: datasets.DatasetDict) -> None:
+    assert list(tweets) == ["train", "validation", "test"]
+    assert {k: len(v) for k, v in tweets.items()} == {"train": 34158, "validation": 2000, "test": 2000}
+    assert label_names(tweets) == ["negative", "neutral", "positive"]
+    assert label_names(tweets["test"]) == ["negative", "neutral", "positive"]
+    total = Counter()
+    for split in tweets.values():
+        assert split.column_names == ["text", "label"]
+        total.update(split["label"])
+    assert total == Counter({0: 16186, 1: 15018, 2: 6954})
+
+
+def test_tweets_label_mapping_matches_the_csv(tweets: datasets.DatasetDict) -> None:
+    with tweets_csv_path().open(encoding="latin-1", newline="") as handle:
+        raw = Counter((row["text"], row["sentiment"]) for row in csv.DictReader(handle))
+    names = label_names(tweets)
+    loaded = Counter()
+    for split in tweets.values():
+        loaded.update((text, names[label]) for text, label in zip(split["text"], split["label"], strict=True))
+    # the splits are exactly a partition of the csv, with each text keeping its own sentiment
+    assert loaded == raw
+
+
+def test_tweets_split_is_deterministic_and_seeded(tweets: datasets.DatasetDict) -> None:
+    again = load_splits(DataSpec("tweets"))
+    for name in tweets:
+        assert list(again[name]["text"]) == list(tweets[name]["text"])
+    other = load_splits(DataSpec("tweets", seed=1))
+    assert list(other["test"]["text"]) != list(tweets["test"]["text"])
+    assert len(other["test"]) == 2000
+
+
+# ------------------------------------------------------------------------------------------
+# local files
+
+
+def test_local_csv_carves_disjoint_deterministic_splits(tmp_path: Path) -> None:
+    rows = review_rows(50)
+    path = write_csv(tmp_path / "reviews.csv", rows, ["review", "stars", "other"])
+    spec = DataSpec(str(path), text_column="review", label_column="stars")
+    splits = load_splits(spec)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 40, "validation": 5, "test": 5}
+    assert label_names(splits) == ["mid", "neg", "pos"]  # string labels: sorted class names
+    for split in splits.values():
+        assert split.column_names == ["text", "label"]
+    # partition of the file: every (text, label) exactly once across the splits
+    names = label_names(splits)
+    seen = Counter()
+    for split in splits.values():
+        seen.update((t, names[y]) for t, y in zip(split["text"], split["label"], strict=True))
+    assert seen == Counter((r["review"], r["stars"]) for r in rows)
+    again = load_splits(spec)
+    assert all(list(again[k]["text"]) == list(splits[k]["text"]) for k in splits)
+
+
+def test_guessed_columns_int_labels_and_empty_text(tmp_path: Path) -> None:
+    rows = [{"sentence": f"good movie {i}" if i % 10 else "", "label": i % 2} for i in range(40)]
+    path = write_csv(tmp_path / "s.csv", rows, ["sentence", "label"])
+    splits = load_splits(str(path))
+    assert label_names(splits) == ["0", "1"]
+    assert sum(len(s) for s in splits.values()) == 36  # 4 empty texts dropped
+    assert all(t.strip() for s in splits.values() for t in s["text"])
+
+
+def test_jsonl_sentence_pairs(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    with path.open("w") as handle:
+        for i in range(30):
+            handle.write(json.dumps({"premise": f"the plot {i}", "hypothesis": "not good", "label": i % 3}) + "\n")
+    splits = load_splits(str(path))  # premise/hypothesis guessed as a pair
+    assert splits["train"].column_names == ["text", "text_pair", "label"]
+    explicit = load_splits(DataSpec(str(path), text_column="premise", text_pair_column="hypothesis"))
+    assert list(explicit["test"]["text"]) == list(splits["test"]["text"])
+
+
+def test_directory_with_hidden_test_labels(tmp_path: Path) -> None:
+    # GLUE style: a labelled train split and a test split whose labels are all -1
+    folder = tmp_path / "glue_like"
+    folder.mkdir()
+    write_csv(folder / "train.csv", [{"text": f"good {i}", "label": i % 2} for i in range(40)], ["text", "label"])
+    write_csv(folder / "test.csv", [{"text": f"bad {i}", "label": -1} for i in range(10)], ["text", "label"])
+    splits = load_splits(str(folder))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 32, "validation": 4, "test": 4}
+    assert all(t.startswith("good") for t in splits["test"]["text"])
+
+
+def test_missing_column_names_it_and_the_available_ones(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "r.csv", review_rows(20), ["review", "stars", "other"])
+    with pytest.raises(HeadpruneError) as info:
+        load_splits(DataSpec(str(path), text_column="body", label_column="stars"))
+    message = str(info.value)
+    assert "'body'" in message and "review, stars, other" in message and "\n" not in message
+    with pytest.raises(HeadpruneError, match="no label column found"):
+        load_splits(DataSpec(str(path), text_column="review"))
+
+
+@pytest.mark.parametrize("name", ["missing.csv", "./nowhere/data.jsonl"])
+def test_missing_file_is_a_clear_error(tmp_path: Path, name: str) -> None:
+    with pytest.raises(HeadpruneError, match="not found"):
+        load_splits(str(tmp_path / name))
+
+
+def test_unsupported_file_type(tmp_path: Path) -> None:
+    path = tmp_path / "data.parquetx"
+    path.write_text("x")
+    with pytest.raises(HeadpruneError, match="unsupported data file type"):
+        load_splits(str(path))
+
+
+# ------------------------------------------------------------------------------------------
+# batches
+
+
+@pytest.fixture()
+def small(tmp_path: Path) -> datasets.Dataset:
+    path = write_csv(tmp_path / "r.csv", review_rows(23), ["review", "stars", "other"])
+    spec = DataSpec(str(path), text_column="review", label_column="stars")
+    return datasets.concatenate_datasets(list(load_splits(spec).values()))
+
+
+def test_batches_are_padded_to_the_longest(small: datasets.Dataset, tokenizer) -> None:
+    lengths = [len(tokenizer(t)["input_ids"]) for t in small["text"]]
+    seen = []
+    for batch in iter_batches(small, tokenizer, batch_size=4, max_length=64):
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "index"}
+        rows = batch["index"].tolist()
+        seen += rows
+        width = batch["input_ids"].shape[1]
+        assert width == max(lengths[i] for i in rows)  # padded to the longest in this batch only
+        assert batch["attention_mask"].sum(1).tolist() == [lengths[i] for i in rows]
+        padded = batch["attention_mask"] == 0
+        assert (batch["input_ids"][padded] == tokenizer.pad_token_id).all()
+        assert batch["labels"].dtype == torch.long
+        assert batch["labels"].tolist() == [small[i]["label"] for i in rows]
+    assert seen == list(range(len(small)))  # dataset order
+
+
+def test_truncation_to_max_length(small: datasets.Dataset, tokenizer) -> None:
+    widths = [b["input_ids"].shape[1] for b in iter_batches(small, tokenizer, batch_size=8, max_length=5)]
+    assert max(widths) == 5
+    first = next(iter_batches(small, tokenizer, batch_size=8, max_length=5))
+    assert (first["input_ids"][first["attention_mask"].sum(1) == 5, -1] == tokenizer.sep_token_id).all()
+
+
+def test_sort_by_length_cuts_padding_and_restores_order(small: datasets.Dataset, tokenizer) -> None:
+    def run(sort: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+        cells, index, first_ids = 0, [], []
+        for batch in iter_batches(small, tokenizer, batch_size=4, sort_by_length=sort):
+            cells += batch["input_ids"].numel()
+            index.append(batch["index"])
+            first_ids.append(batch["input_ids"][:, 1])  # the first word piece of every row
+        return cells, torch.cat(index), torch.cat(first_ids)
+
+    plain_cells, plain_index, plain_first = run(False)
+    sorted_cells, sorted_index, sorted_first = run(True)
+    assert sorted_cells < plain_cells
+    assert sorted(sorted_index.tolist()) == list(range(len(small)))
+    assert torch.equal(restore_order(sorted_first, sorted_index), plain_first)
+    again = torch.cat([b["index"] for b in iter_batches(small, tokenizer, batch_size=4, sort_by_length=True)])
+    assert torch.equal(again, sorted_index)  # deterministic
+
+
+def test_pairs_and_encoded_datasets_match_raw_text(tmp_path: Path, tokenizer) -> None:
+    path = tmp_path / "pairs.jsonl"
+    with path.open("w") as handle:
+        for i in range(12):
+            handle.write(json.dumps({"premise": "the movie " * (1 + i % 4), "hypothesis": "not good", "label": i % 2}))
+            handle.write("\n")
+    data = load_splits(str(path))["train"]
+    raw = list(iter_batches(data, tokenizer, batch_size=5, max_length=12))
+    assert all((b["token_type_ids"] == 1).any(dim=1).all() for b in raw)  # second segment present
+    encoded = encode(data, tokenizer, DataSpec("x", max_length=12))
+    for a, b in zip(raw, iter_batches(encoded, tokenizer, batch_size=5, max_length=12), strict=True):
+        assert set(a) == set(b)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_token_type_ids_when_the_tokenizer_has_none(small: datasets.Dataset, tokenizer) -> None:
+    class NoTypes:
+        """Wraps a tokenizer and drops token_type_ids, as RoBERTa-style tokenizers do."""
+
+        def __call__(self, *args, **kwargs):
+            out = tokenizer(*args, **kwargs)
+            out.pop("token_type_ids", None)
+            return out
+
+    batch = next(iter_batches(small, NoTypes(), batch_size=3))
+    assert "token_type_ids" not in batch and batch["input_ids"].shape[0] == 3
+
+
+def test_bad_batch_arguments(small: datasets.Dataset, tokenizer) -> None:
+    with pytest.raises(HeadpruneError, match="batch_size"):
+        next(iter_batches(small, tokenizer, batch_size=0))
+    with pytest.raises(HeadpruneError, match="'review'"):
+        next(iter_batches(small, tokenizer, text_column="review"))
