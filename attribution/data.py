@@ -184,12 +184,13 @@ def iter_batches(
     for start in range(0, n, batch_size):
         rows = order[start : start + batch_size]
         chunk = dataset[rows.tolist()] if sort_by_length else dataset[int(rows[0]) : int(rows[-1]) + 1]
-        if encoded:
+        if encoded and max(len(ids) for ids in chunk["input_ids"]) <= max_length:
             features = {k: chunk[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in chunk}
-            # truncate here too: an encode() with a longer max_length must not overflow this one
-            features = {k: [v[:max_length] for v in vals] for k, vals in features.items()}
             batch = dict(tokenizer.pad(features, padding="longest", return_tensors="pt"))
         else:
+            # encoded with a longer max_length: re-tokenize so truncation keeps the final [SEP]
+            if encoded:
+                _require_columns(dataset, [text_column] + ([text_pair_column] if text_pair_column else []))
             pairs = chunk[text_pair_column] if text_pair_column else None
             batch = dict(
                 tokenizer(

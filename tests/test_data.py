@@ -240,6 +240,11 @@ def test_pairs_and_encoded_datasets_match_raw_text(tmp_path: Path, tokenizer) ->
     for a, b in zip(raw, iter_batches(encoded, tokenizer, batch_size=5, max_length=12), strict=True):
         assert set(a) == set(b)
         assert all(torch.equal(a[k], b[k]) for k in a)
+    # encoded longer than asked: truncated like raw text (final [SEP] kept), not sliced
+    shorter = list(iter_batches(data, tokenizer, batch_size=5, max_length=6))
+    for a, b in zip(shorter, iter_batches(encoded, tokenizer, batch_size=5, max_length=6), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert (a["input_ids"][:, -1] == tokenizer.sep_token_id).all()
 
 
 def test_no_token_type_ids_when_the_tokenizer_has_none(small: datasets.Dataset, tokenizer) -> None:
