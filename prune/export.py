@@ -1,0 +1,253 @@
+"""Export a (pruned) classifier to ONNX, check it in onnxruntime, and time it.
+
+The graph takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has
+them), each ``[batch, sequence]`` with both axes dynamic, and returns ``logits [batch, classes]``.
+It is exported with the TorchScript-based exporter (``dynamo=False``; the dynamo exporter needs
+the ``onnxscript`` package) from a *padded* example batch, so the padding-mask path is what gets
+traced, and checked in onnxruntime against PyTorch on batches of other sizes and lengths, padded
+and unpadded (a trace that baked in one shape would fail there, not in production).
+
+Layers that lost every head run a patched attention forward (``attribution.instrument``: the
+attention output is the output projection's bias); it traces to a zero-width matmul plus bias,
+which onnxruntime runs. The check below would catch it if a future version did not.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from attribution import instrument
+from attribution.errors import HeadpruneError
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class OnnxExport:
+    """Where the ONNX file is and how faithful and fast it is.
+
+    ``max_abs_diff``: largest |ONNX − PyTorch| logit over the check batches; ``latency_ms``: batch
+    size -> median milliseconds per forward pass in onnxruntime.
+    """
+
+    path: str
+    inputs: list[str]
+    opset: int
+    max_abs_diff: float
+    checked_examples: int
+    file_bytes: int
+    latency_ms: dict[int, float] = field(default_factory=dict)
+    sequence_length: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """``forward(*inputs) -> logits``: positional inputs in ``names`` order, for the tracer."""
+
+    def __init__(self, model: PreTrainedModel, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, inputs, strict=True))).logits
+
+
+def model_input_names(model: PreTrainedModel) -> list[str]:
+    """The exported inputs: ``input_ids``, ``attention_mask`` and ``token_type_ids`` if accepted."""
+    accepted = inspect.signature(model.forward).parameters
+    return [name for name in INPUT_NAMES if name in accepted]
+
+
+def example_batch(
+    model: PreTrainedModel, batch_size: int = 2, length: int = 16, seed: int = 0, padded: bool = True
+) -> dict[str, torch.Tensor]:
+    """Random ids ``[B, T]`` within the vocabulary; with ``padded`` the last row is half padding."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = int(model.config.vocab_size)
+    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    ids = torch.randint(min(5, vocab - 1), vocab, (batch_size, length), generator=generator)
+    mask = torch.ones(batch_size, length, dtype=torch.long)
+    if padded:
+        mask[-1, max(2, length // 2) :] = 0
+        ids = ids.masked_fill(mask == 0, pad)
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    return {k: v for k, v in batch.items() if k in model_input_names(model)}
+
+
+def export_onnx(
+    model: PreTrainedModel,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = 17,
+    sample: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model`` as ONNX with dynamic batch and sequence axes; returns the path.
+
+    ``sample`` (a padded tokenizer batch) is what gets traced; by default a random padded batch.
+    The file is written next to ``path`` and renamed into place.
+    """
+    instrument.model_family(model)
+    if any(gate is not None for gate in instrument.get_head_mask(model)):
+        raise HeadpruneError(
+            "the model has a soft head mask; bake it first (prune.surgery.bake_mask) or save and reload it"
+        )
+    names = model_input_names(model)
+    sample = sample if sample is not None else example_batch(model)
+    missing = [n for n in names if n not in sample]
+    if missing:
+        raise HeadpruneError(f"the sample batch lacks {missing[0]!r}, an input of this model")
+    args = tuple(sample[n].cpu() for n in names)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer chatter about Python control flow on shapes
+            torch.onnx.export(
+                _LogitsOnly(model, names).cpu(),
+                args,
+                str(tmp),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        os.replace(tmp, path)
+    except HeadpruneError:
+        raise
+    except Exception as error:
+        tmp.unlink(missing_ok=True)
+        zero = [i for i, h in enumerate(instrument.heads_per_layer(model)) if h == 0]
+        hint = f" (layers {zero} have no heads left and run a patched forward)" if zero else ""
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise HeadpruneError(f"ONNX export failed{hint}: {type(error).__name__}: {first}") from None
+    finally:
+        model.train(was_training)
+    return path
+
+
+def _session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise HeadpruneError("ONNX needs onnxruntime: pip install 'headprune[onnx]'") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run an onnxruntime session on a tokenizer batch (extra keys are ignored) -> logits ``[B, C]``."""
+    wanted = [i.name for i in session.get_inputs()]
+    missing = [n for n in wanted if n not in batch]
+    if missing:
+        raise HeadpruneError(f"the ONNX model needs input {missing[0]!r}")
+    feed = {n: batch[n].detach().cpu().long().numpy() for n in wanted}
+    return torch.from_numpy(session.run(["logits"], feed)[0])
+
+
+def check_onnx(
+    path: str | os.PathLike[str],
+    model: PreTrainedModel,
+    batches: list[dict[str, torch.Tensor]] | None = None,
+    *,
+    atol: float = 1e-4,
+) -> tuple[float, int]:
+    """Compare ONNX and PyTorch logits; returns ``(max_abs_diff, examples)``.
+
+    Default batches: sizes and lengths unlike the traced sample, padded and unpadded. Raises
+    ``HeadpruneError`` when the difference exceeds ``atol``.
+    """
+    session = _session(path)
+    if batches is None:
+        batches = [
+            example_batch(model, batch_size=3, length=9, seed=1, padded=True),
+            example_batch(model, batch_size=1, length=5, seed=2, padded=False),
+            example_batch(model, batch_size=4, length=23, seed=3, padded=False),
+        ]
+    worst, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k in model_input_names(model)}
+            expected = model(**inputs).logits.float().cpu()
+            got = onnx_logits(session, inputs)
+            if got.shape != expected.shape:
+                raise HeadpruneError(f"ONNX logits have shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
+            worst = max(worst, float((got - expected).abs().max()))
+            count += expected.shape[0]
+    if not worst <= atol:
+        raise HeadpruneError(f"ONNX logits differ from PyTorch by {worst:.3g} (> atol {atol:g}) in {path}")
+    return worst, count
+
+
+def onnx_latency(
+    path: str | os.PathLike[str],
+    batch: dict[str, torch.Tensor],
+    *,
+    repeats: int = 10,
+    warmup: int = 2,
+) -> float:
+    """Median milliseconds of one onnxruntime forward pass on ``batch``."""
+    session = _session(path)
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        onnx_logits(session, batch)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def export_and_check(
+    model: PreTrainedModel,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = 17,
+    check_batches: list[dict[str, torch.Tensor]] | None = None,
+    latency_batches: dict[int, dict[str, torch.Tensor]] | None = None,
+    repeats: int = 10,
+    atol: float = 1e-4,
+) -> OnnxExport:
+    """Export, check against PyTorch (``check_batches``: real tokenizer batches if you have them) and
+    time each of ``latency_batches`` (batch size -> batch)."""
+    sample = check_batches[0] if check_batches else None
+    if sample is not None and int(sample["attention_mask"].min()) == 1:
+        sample = None  # trace a padded batch: an unpadded one could bake away the mask
+    out = export_onnx(model, path, opset=opset, sample=sample)
+    worst, count = check_onnx(out, model, check_batches, atol=atol)
+    if check_batches:  # also the synthetic shapes: dynamic axes must really be dynamic
+        worst = max(worst, check_onnx(out, model, None, atol=atol)[0])
+    latency, length = {}, 0
+    for size, batch in (latency_batches or {}).items():
+        latency[int(size)] = onnx_latency(out, batch, repeats=repeats)
+        length = int(batch["input_ids"].shape[1])
+    return OnnxExport(
+        path=str(out),
+        inputs=model_input_names(model),
+        opset=opset,
+        max_abs_diff=worst,
+        checked_examples=count,
+        file_bytes=out.stat().st_size,
+        latency_ms=latency,
+        sequence_length=length,
+    )
