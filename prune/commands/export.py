@@ -12,7 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="FILE", help="where to write, e.g. model.onnx")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument(
-        "--atol", type=float, default=1e-4, help="largest ONNX-vs-PyTorch logit difference accepted (default: %(default)s)"
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="largest ONNX-vs-PyTorch logit difference accepted (default: %(default)s)",
     )
     parser.add_argument(
         "--latency", action="store_true", help="also time onnxruntime at batch sizes 1 and 32 (sequence length 64)"
