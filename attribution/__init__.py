@@ -3,6 +3,7 @@
 ``attribution`` never imports ``prune``.
 """
 
+from attribution import disentangled, relevance  # noqa: F401  (importing registers their head criteria)
 from attribution.attattr import AttAttr
 from attribution.errors import HeadpruneError
 from attribution.importance import CRITERIA, Criterion, head_importance, register_criterion

@@ -397,3 +397,53 @@ def keep_heads_in_layer(model: PreTrainedModel, layer: int, keep: list[int]) -> 
         if family.output_inside_attention:
             attention._headprune_inner_output = family.output.rsplit(".", 1)[-1]
         attention.forward = types.MethodType(_empty_attention_forward, attention)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-head projections (read-only; for token relevance and the disentangled-attention diagnostic)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadProjections:
+    """One layer's per-head projections of the hidden states entering it (current heads).
+
+    ``query``/``key``/``value`` ``[B, H_l, T, d_h]`` (biases included; the logits are
+    ``scaling * query @ key^T`` plus the padding mask); ``transformed`` ``[B, H_l, T, D]`` is each
+    token's value through head h's slice of the output projection (bias excluded): the vector head
+    h writes into token i's attention output per unit of attention ``A[h, i, j]`` on token j, so
+    ``sum_h A_h @ transformed_h + output bias`` is the attention block's output before residual
+    and LayerNorm.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    transformed: torch.Tensor
+    scaling: float
+
+
+def head_projections(model: PreTrainedModel, layer: int, hidden_states: torch.Tensor) -> HeadProjections:
+    """Per-head Q/K/V and value-through-output-projection of ``layer`` for ``hidden_states`` ``[B, T, D]``.
+
+    Valid for every supported family: they are all post-LayerNorm, so the attention module's
+    input is the layer's input (``layer_inputs(model, batch)[layer]``). A layer with no heads
+    left gives tensors with ``H_l = 0``.
+    """
+    family = model_family(model)
+    layer_module = encoder_layers(model)[layer]
+    attention = _get(layer_module, family.attention)
+    d_h = attention.attention_head_size
+    bsz, seq, _ = hidden_states.shape
+    n_heads = len(kept_heads(model)[layer])
+
+    def split(linear_path: str) -> torch.Tensor:
+        out = _get(attention, linear_path)(hidden_states)  # [B, T, H_l * d_h]
+        return out.view(bsz, seq, n_heads, d_h).transpose(1, 2)
+
+    query, key, value = split(family.query), split(family.key), split(family.value)
+    weight = _get(layer_module, family.output).weight  # [D, H_l * d_h]
+    per_head = weight.view(weight.shape[0], n_heads, d_h).permute(1, 2, 0)  # [H_l, d_h, D]
+    transformed = torch.einsum("bhtd,hde->bhte", value, per_head)
+    scaling = float(getattr(attention, "scaling", d_h**-0.5))
+    return HeadProjections(query, key, value, transformed, scaling)
