@@ -214,7 +214,7 @@ class RandomCriterion(Criterion):
         return values
 
 
-def make_criterion(method: str, **options: Any) -> Criterion:
+def make_criterion(method: str, /, **options: Any) -> Criterion:
     """Instantiate a registered criterion; a clear error for unknown names or options."""
     if method not in CRITERIA:
         raise HeadpruneError(f"unknown head-importance method {method!r}; choose one of {', '.join(CRITERIA)}")
@@ -231,6 +231,7 @@ def head_importance(
     model: PreTrainedModel,
     batches: Iterable[dict[str, torch.Tensor]],
     method: str = "attattr",
+    /,  # positional-only, so a criterion's own ``method`` option (attattr's quadrature) can pass
     *,
     max_examples: int | None = None,
     progress: bool = True,
