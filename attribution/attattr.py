@@ -42,9 +42,7 @@ def target_output(logits: torch.Tensor, target: torch.Tensor, output: str) -> to
     return log_probs.exp() if output == "probability" else -log_probs
 
 
-def resolve_target(
-    target: int | torch.Tensor | list[int] | None, logits: torch.Tensor
-) -> torch.Tensor:
+def resolve_target(target: int | torch.Tensor | list[int] | None, logits: torch.Tensor) -> torch.Tensor:
     """``[B]`` class indices: the predicted class when ``target`` is None."""
     batch, classes = logits.shape
     if target is None:
@@ -149,9 +147,7 @@ class AttAttr:
             zero on padding rows and columns and on pruned heads), and with
             ``return_convergence_delta`` the delta ``[B, L']``.
         """
-        results = list(
-            self.iter_layers(inputs, target, n_steps, method, layers, internal_batch_size, autocast_dtype)
-        )
+        results = list(self.iter_layers(inputs, target, n_steps, method, layers, internal_batch_size, autocast_dtype))
         attributions = torch.stack([r.attributions for r in results], dim=1)
         if return_convergence_delta:
             return attributions, torch.stack([r.delta for r in results], dim=1)
@@ -194,12 +190,7 @@ class AttAttr:
             target_ids = resolve_target(target, logits)
             f_full = target_output(logits, target_ids, self.output)
 
-            # Step values: the quadrature nodes plus alpha = 0 for F(0), the baseline.
-            step_alphas = [*alphas, 0.0]
-            step_weights = [*weights, 0.0]
-            n_rows = len(step_alphas)
-            chunk = internal_batch_size or n_rows * 8
-
+            chunk = internal_batch_size or len(alphas) * 8
             for layer in layers:
                 heads = kept[layer]
                 result = torch.zeros(bsz, total_heads, seq, seq, dtype=torch.float32, device=mask.device)
@@ -208,30 +199,68 @@ class AttAttr:
                     yield LayerAttribution(layer, result, zero, f_full, f_full)
                     continue
                 attention = attentions[layer].float()  # [B, H_l, T, T]
+                # F(0): the baseline needs no gradient, so it is one cheap pass for the whole batch.
+                f_base = torch.cat(
+                    [
+                        self._run_from(
+                            layer,
+                            batch,
+                            hidden_in[layer],
+                            target_ids,
+                            rows,
+                            torch.zeros_like(attentions[layer][rows]),
+                            with_grad=False,
+                        )[0]
+                        for rows in torch.arange(bsz, device=mask.device).split(chunk)
+                    ]
+                )
                 grad_sum = torch.zeros_like(attention)
-                f_base = torch.zeros_like(f_full)
-                rows = [(b, k) for b in range(bsz) for k in range(n_rows)]
-                for start in range(0, len(rows), chunk):
-                    part = rows[start : start + chunk]
-                    ex = torch.tensor([b for b, _ in part], device=mask.device)
-                    alpha = torch.tensor([step_alphas[k] for _, k in part], device=mask.device)
-                    weight = torch.tensor([step_weights[k] for _, k in part], device=mask.device)
-                    scaled = (alpha[:, None, None, None] * attention[ex]).requires_grad_(True)
-                    sub_batch = {key: value[ex] for key, value in batch.items()}
-                    with instrument.AttentionProbe(model) as probe, torch.enable_grad():
-                        probe.replace[layer] = scaled.to(attentions[layer].dtype)
-                        with instrument.start_at_layer(model, layer, hidden_in[layer][ex]):
-                            out = model(**sub_batch).logits.float()
-                        values = target_output(out, target_ids[ex], self.output)
-                        (grad,) = torch.autograd.grad(values.sum(), scaled)
-                    grad_sum.index_add_(0, ex, grad.float() * weight[:, None, None, None])
-                    is_base = alpha == 0
-                    if is_base.any():
-                        f_base.index_copy_(0, ex[is_base], values.detach()[is_base])
+                steps = torch.tensor(alphas, device=mask.device, dtype=torch.float32)
+                step_weights = torch.tensor(weights, device=mask.device, dtype=torch.float32)
+                pairs = torch.cartesian_prod(
+                    torch.arange(bsz, device=mask.device), torch.arange(len(alphas), device=mask.device)
+                )
+                for part in pairs.split(chunk):
+                    ex, k = part[:, 0], part[:, 1]
+                    scaled = steps[k][:, None, None, None] * attention[ex]
+                    _, grad = self._run_from(
+                        layer,
+                        batch,
+                        hidden_in[layer],
+                        target_ids,
+                        ex,
+                        scaled.to(attentions[layer].dtype),
+                        with_grad=True,
+                    )
+                    grad_sum.index_add_(0, ex, grad.float() * step_weights[k][:, None, None, None])
                 attribution = attention * grad_sum * pair_mask[:, None]
                 result[:, heads] = attribution
                 delta = attribution.sum(dim=(1, 2, 3)) - (f_full - f_base)
                 yield LayerAttribution(layer, result, delta, f_full, f_base)
+
+    def _run_from(
+        self,
+        layer: int,
+        batch: dict[str, torch.Tensor],
+        hidden: torch.Tensor,
+        target: torch.Tensor,
+        rows: torch.Tensor,
+        scaled: torch.Tensor,
+        with_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """F for ``rows`` (example indices) with layer ``layer``'s attention replaced by ``scaled``
+        ``[R, H_l, T, T]``, running only layers ``layer..L-1``; and dF/d(scaled) when ``with_grad``."""
+        model = self.model
+        scaled = scaled.detach().requires_grad_(with_grad)
+        with instrument.AttentionProbe(model) as probe, torch.set_grad_enabled(with_grad):
+            probe.replace[layer] = scaled
+            with instrument.start_at_layer(model, layer, hidden[rows]):
+                logits = model(**{key: value[rows] for key, value in batch.items()}).logits.float()
+            values = target_output(logits, target[rows], self.output)
+            if not with_grad:
+                return values, None
+            (grad,) = torch.autograd.grad(values.sum(), scaled)
+        return values.detach(), grad
 
     @staticmethod
     def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -48,11 +48,11 @@ def reference_attattr(
             with instrument.AttentionProbe(model, capture=True, layers=[layer]) as probe:
                 probe.replace[layer] = lambda probs, scale=scale: scale * probs
                 values = _output(model(**copies).logits, cls, output)
-                values.sum().backward()
-                grads = probe.attentions[layer].grad.double()  # gradient at the scaled attention
+                # gradient at the scaled attention only (no parameter gradients: a fair baseline)
+                (grads,) = torch.autograd.grad(values.sum(), probe.attentions[layer])
+                grads = grads.double()
             integral = (grads[:-1] * torch.tensor(weights, dtype=torch.float64)[:, None, None, None]).sum(0)
             attr = originals[layer][0].double() * integral
             attributions[b, layer, :, :length, :length] = attr
             deltas[b, layer] = attr.sum() - (f_full - values[-1])
-        model.zero_grad(set_to_none=True)
     return attributions, deltas
