@@ -91,6 +91,16 @@ def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     return [_get(layer, family.attention) for layer in encoder_layers(model)]
 
 
+def output_projection(model: PreTrainedModel, layer: int) -> nn.Linear:
+    """The ``nn.Linear`` mapping layer ``layer``'s concatenated head outputs ``[..., H_l * d_h]`` to
+    the hidden size; its input columns ``[p * d_h, (p + 1) * d_h)`` belong to the p-th present head.
+
+    For callers that rescale heads (fold gates into weights) or hook the per-head outputs.
+    """
+    family = model_family(model)
+    return _get(encoder_layers(model)[layer], family.output)  # type: ignore[return-value]
+
+
 def head_size(model: PreTrainedModel) -> int:
     """Width of one head (d_h)."""
     return attention_modules(model)[0].attention_head_size
@@ -201,6 +211,15 @@ def _headprune_attention(
     """Eager attention with hooks. query/key/value ``[B, H, T, d_h]`` -> (``[B, T, H, d_h]``, probs)."""
     probe, layer = getattr(module, "_headprune_probe", None) or (None, -1)
     replacement = probe.replace.get(layer) if probe is not None else None
+    wants_probs = replacement is not None or (probe is not None and probe._wants(layer))
+
+    if not wants_probs:
+        # Nothing reads or changes this layer's probabilities: the fused kernel is exact and faster.
+        output = nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask,
+            dropout_p=dropout if module.training else 0.0, scale=scaling,
+        )
+        return _apply_gates(module, probe, layer, output).transpose(1, 2).contiguous(), None
 
     if isinstance(replacement, torch.Tensor):
         probs = replacement
@@ -223,16 +242,21 @@ def _headprune_attention(
         probe.attentions[layer] = probs
 
     dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
-    output = torch.matmul(dropped, value)
+    output = _apply_gates(module, probe, layer, torch.matmul(dropped, value))
+    return output.transpose(1, 2).contiguous(), probs
 
+
+def _apply_gates(
+    module: nn.Module, probe: AttentionProbe | None, layer: int, output: torch.Tensor
+) -> torch.Tensor:
+    """Multiply each head's output ``[B, H, T, d_h]`` by the persistent mask and the probe's gate."""
     gate = getattr(module, "headprune_head_mask", None)
     if probe is not None and layer in probe.gates:
         gate = probe.gates[layer] if gate is None else gate * probe.gates[layer]
-    if gate is not None:
-        gate = gate.to(output.dtype)
-        output = output * (gate[:, :, None, None] if gate.dim() == 2 else gate[None, :, None, None])
-
-    return output.transpose(1, 2).contiguous(), probs
+    if gate is None:
+        return output
+    gate = gate.to(output.dtype)
+    return output * (gate[:, :, None, None] if gate.dim() == 2 else gate[None, :, None, None])
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _headprune_attention)
