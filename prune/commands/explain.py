@@ -1,0 +1,78 @@
+"""``headprune explain``: token relevance of one input by several methods, as an HTML page (+ PNG)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (the embedded MiniLM tweets classifier, fine-tuned if not cached), "
+        "a local directory or a hub id (default: %(default)s)",
+    )
+    parser.add_argument("--text", required=True, help="the text to explain")
+    parser.add_argument("--text-pair", default=None, help="second text, for sentence-pair models")
+    parser.add_argument(
+        "--methods",
+        default="all",
+        help="'all' or a comma list of: attention, rollout, gae, grad_attention, tokentm, attattr, ig, random "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--target", default=None, help="class to explain, by name or index (default: the predicted class)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="quadrature steps for attattr (4) and ig (20)")
+    parser.add_argument("--seed", type=int, default=0, help="random: seed (default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens after truncation (default: %(default)s)")
+    parser.add_argument("--out", default="explain.html", metavar="HTML", help="the page (default: %(default)s)")
+    parser.add_argument(
+        "--png", default=None, metavar="PNG", help="the picture (default: the page's name with .png)"
+    )
+    parser.add_argument("--json", default=None, metavar="JSON", help="also save the word relevances as JSON")
+
+
+def method_options(args: argparse.Namespace) -> dict[str, dict]:
+    options: dict[str, dict] = {"random": {"seed": args.seed}}
+    if args.steps is not None:
+        if args.steps < 1:
+            from attribution.errors import HeadpruneError
+
+            raise HeadpruneError(f"--steps must be at least 1, got {args.steps}")
+        options["attattr"] = {"n_steps": args.steps}
+        options["ig"] = {"n_steps": args.steps}
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    from attribution.explain_html import explain_text
+    from attribution.models import load_classifier
+    from attribution.relevance import parse_methods
+    from prune.finetune import resolve_model
+
+    methods = parse_methods(args.methods)  # fail on a typo before loading anything
+    model, tokenizer = load_classifier(resolve_model(args.model))
+    explanation = explain_text(
+        model,
+        tokenizer,
+        args.text,
+        args.text_pair,
+        methods,
+        target=args.target,
+        max_length=args.max_length,
+        method_options=method_options(args),
+    )
+    explanation.provenance["model"] = args.model
+    html_path = explanation.save_html(args.out)
+    png_path = explanation.save_png(args.png or Path(args.out).with_suffix(".png"))
+    if args.json:
+        explanation.save(args.json)
+    print(f"class explained: {explanation.target_name} (p = {explanation.probability:.3f})")
+    for name, values in explanation.relevance.items():
+        order = sorted(range(len(values)), key=lambda i: -values[i])[:3]
+        top = ", ".join(explanation.words[i] for i in order)
+        print(f"  {name:<15} {explanation.seconds[name]:7.3f} s   top words: {top}")
+    print(f"wrote {html_path} and {png_path}")
+    return 0

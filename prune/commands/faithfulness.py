@@ -1,0 +1,116 @@
+"""``headprune faithfulness``: deletion benchmark of token-relevance methods on a data set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (the embedded MiniLM tweets classifier, fine-tuned if not cached), "
+        "a local directory or a hub id (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data",
+        default="tweets",
+        help="'tweets' (embedded), a hub name[:config] or a .csv/.json/.jsonl file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--split", default="test", choices=["train", "validation", "test"], help="(default: %(default)s)"
+    )
+    parser.add_argument("--text-column", default=None)
+    parser.add_argument("--text-pair-column", default=None)
+    parser.add_argument("--label-column", default=None)
+    parser.add_argument(
+        "--examples", type=int, default=500, help="first N examples of the split (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--methods",
+        default="all",
+        help="'all' or a comma list of: attention, rollout, gae, grad_attention, tokentm, attattr, ig, random "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--attattr-steps", type=int, default=4, help="Gauss-Legendre nodes (default: %(default)s)")
+    parser.add_argument("--ig-steps", type=int, default=20, help="Gauss-Legendre nodes (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random: seed (default: %(default)s)")
+    parser.add_argument(
+        "--fractions",
+        default=None,
+        help="comma list of deletion fractions (default: 0,0.1,...,0.9)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="examples explained at once (default: %(default)s)")
+    parser.add_argument(
+        "--forward-batch-size", type=int, default=512, help="perturbed inputs per forward call (default: %(default)s)"
+    )
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="writes faithfulness.json, faithfulness.md, faithfulness.png"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from attribution.data import DataSpec, iter_batches, load_splits
+    from attribution.errors import HeadpruneError
+    from attribution.faithfulness import DEFAULT_FRACTIONS, faithfulness
+    from attribution.models import load_classifier
+    from attribution.relevance import default_method_options, parse_methods, special_token_ids
+    from prune.finetune import resolve_model
+
+    for name in ("examples", "batch_size", "forward_batch_size", "attattr_steps", "ig_steps"):
+        if getattr(args, name) < 1:
+            raise HeadpruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    methods = parse_methods(args.methods)
+    fractions = DEFAULT_FRACTIONS
+    if args.fractions:
+        try:
+            fractions = tuple(float(f) for f in args.fractions.split(","))
+        except ValueError:
+            raise HeadpruneError(f"--fractions must be comma-separated numbers, got {args.fractions!r}") from None
+    model, tokenizer = load_classifier(resolve_model(args.model, progress=not args.quiet))
+    spec = DataSpec(
+        name=args.data,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        max_length=args.max_length,
+    )
+    split = load_splits(spec)[args.split]
+    split = split.select(range(min(args.examples, len(split))))
+    batches = iter_batches(
+        split, tokenizer, batch_size=args.batch_size, max_length=args.max_length, sort_by_length=True
+    )
+    options = default_method_options(
+        tokenizer,
+        {
+            "attattr": {"n_steps": args.attattr_steps},
+            "ig": {"n_steps": args.ig_steps},
+            "random": {"seed": args.seed},
+        },
+    )
+    result = faithfulness(
+        model,
+        batches,
+        methods,
+        keep_ids=special_token_ids(tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        fractions=fractions,
+        forward_batch_size=args.forward_batch_size,
+        method_options={name: options.get(name, {}) for name in methods},
+        progress=not args.quiet,
+        total=len(split),
+    )
+    result.provenance.update({"model": args.model, "data": args.data, "split": args.split})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.save(out / "faithfulness.json")
+    from attribution.scores import atomic_write_text
+
+    atomic_write_text(out / "faithfulness.md", result.summary() + "\n")
+    result.plot(out / "faithfulness.png")
+    print(result.summary())
+    print(f"\n{result.provenance['forward_calls']} forward calls, {result.provenance['seconds']:.0f} s -> {out}")
+    return 0
