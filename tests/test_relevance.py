@@ -321,3 +321,20 @@ def test_gradient_methods_put_the_deciding_token_first(trained):
     # turns that into the smallest factor, and the product ranks the token last although the top
     # layer ranks it first. It still beats random on the top-1 rate.
     assert hits(make_relevance("grad_attention", trained).attribute(inputs)).float().mean() > random_rate + 0.2
+
+
+@pytest.mark.slow
+def test_every_method_on_the_real_minilm():
+    from attribution.models import load_classifier
+    from attribution.relevance import default_method_options
+
+    torch.manual_seed(0)  # the classification head is freshly initialised
+    model, tokenizer = load_classifier("minilm", num_labels=3)
+    texts = ["what a wonderful day at the beach", "the train is late again, awful"]
+    inputs = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    options = default_method_options(tokenizer, FAST_OPTIONS)
+    for name in RELEVANCE_METHODS:
+        method = make_relevance(name, model, **options.get(name, {}))
+        batched = method.attribute(inputs, target=torch.tensor([0, 2]))
+        assert torch.isfinite(batched).all() and (batched[inputs["attention_mask"] == 0] == 0).all()
+        assert torch.allclose(batched, one_by_one(method, inputs, torch.tensor([0, 2])), atol=1e-5, rtol=1e-3), name
