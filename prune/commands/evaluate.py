@@ -1,0 +1,68 @@
+"""``headprune evaluate``: metrics of a (pruned) model on a labelled split.
+
+Runs on one process, or sharded over several with results gathered (no example counted twice)::
+
+    headprune evaluate --model pruned/ --data tweets --split test
+    accelerate launch --num_processes 2 --cpu -m prune.cli evaluate --model pruned/ --data tweets
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the evaluation options."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="model directory (pruned by headprune or dense), or 'default' for the embedded classifier",
+    )
+    parser.add_argument(
+        "--data",
+        default="tweets",
+        help="'tweets' (embedded), a hub name[:config] or a .csv/.json/.jsonl file (default: %(default)s)",
+    )
+    parser.add_argument("--split", default="test", help="split to evaluate on (default: %(default)s)")
+    parser.add_argument(
+        "--metrics",
+        default="accuracy,macro_f1",
+        help="comma-separated: accuracy, macro_f1, matthews_corrcoef (default: %(default)s)",
+    )
+    parser.add_argument("--max-examples", type=int, default=None, help="only the first N rows of the split")
+    parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
+    parser.add_argument("--out", default=None, metavar="JSON", help="also save the result as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print one line per metric (on the main process only)."""
+    from attribution.errors import HeadpruneError
+    from prune import distributed
+    from prune.evaluate import evaluate_model
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if not metrics:
+        raise HeadpruneError("--metrics names no metric")
+    if args.batch_size < 1:
+        raise HeadpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    result = evaluate_model(
+        args.model,
+        args.data,
+        split=args.split,
+        metrics=metrics,
+        max_examples=args.max_examples,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        progress=not args.quiet,
+    )
+    if distributed.is_main_process():
+        if args.out:
+            result.save(args.out)
+        processes = f" on {result.processes} processes" if result.processes > 1 else ""
+        print(f"{args.model} on {result.data}/{result.split}: {result.examples} examples{processes}")
+        for name, value in result.metrics.items():
+            print(f"{name}: {value:.4f}")
+    return 0

@@ -1,0 +1,196 @@
+"""Re-evaluating a (pruned) classifier offline: accuracy, macro-F1 and any metric of
+``prune.metrics``, on one process or sharded across many (see ``prune.distributed``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from attribution.data import iter_batches, restore_order
+from attribution.errors import HeadpruneError
+from attribution.scores import atomic_write_text
+from prune import distributed
+from prune.metrics import compute_metrics
+
+DEFAULT_METRICS = ("accuracy", "macro_f1")
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one model on one split; ``examples`` rows were scored, each exactly once."""
+
+    metrics: dict[str, float]
+    examples: int
+    model: str = ""
+    data: str = ""
+    split: str = ""
+    seconds: float = 0.0
+    processes: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "headprune.EvalResult", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
+        if not isinstance(data, dict) or data.get("format") != "headprune.EvalResult":
+            raise HeadpruneError("not a headprune EvalResult file")
+        return cls(**{k: v for k, v in data.items() if k != "format"})
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write JSON atomically; returns the path."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EvalResult:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise HeadpruneError(f"evaluation file not found: {path}") from None
+
+    def __str__(self) -> str:
+        values = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items())
+        return f"{self.model or 'model'} on {self.data}/{self.split} ({self.examples} examples): {values}"
+
+
+@torch.no_grad()
+def predict(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    batch_size: int = 64,
+    max_length: int = 64,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Logits ``[N, C]`` for every row of ``dataset`` in dataset order.
+
+    Under a multi-process launch each process predicts its contiguous shard and the logits are
+    gathered, so every process returns all ``N`` rows, each computed exactly once.
+    """
+    if len(dataset) == 0:
+        raise HeadpruneError("cannot evaluate on an empty data set")
+    was_training = model.training
+    model.eval()
+    dev = distributed.device()
+    model.to(dev)
+    part = distributed.shard(dataset)
+    logits, index = [], []
+    bar = tqdm(
+        total=math.ceil(len(part) / batch_size),
+        desc="evaluating",
+        leave=False,
+        disable=not (progress and distributed.is_main_process()),
+    )
+    for batch in iter_batches(part, tokenizer, batch_size=batch_size, max_length=max_length, sort_by_length=True):
+        index.append(batch.pop("index"))
+        batch.pop("labels", None)
+        logits.append(model(**{k: v.to(dev) for k, v in batch.items()}).logits.float().cpu())
+        bar.update(1)
+    bar.close()
+    model.train(was_training)
+    classes = int(model.config.num_labels)
+    local = restore_order(torch.cat(logits), torch.cat(index)) if logits else torch.zeros(0, classes)
+    return distributed.gather_rows(local)
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    batch_size: int = 64,
+    max_length: int = 64,
+    progress: bool = False,
+    model_name: str = "",
+    data_name: str = "",
+    split: str = "",
+) -> EvalResult:
+    """Predict every row of ``dataset`` (with a ``label`` column) and compute ``metrics``."""
+    if "label" not in dataset.column_names:
+        raise HeadpruneError(f"the data set has no 'label' column (columns: {', '.join(dataset.column_names)})")
+    compute_metrics([0], [0], metrics)  # unknown metric names fail before any work
+    started = time.perf_counter()
+    logits = predict(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length, progress=progress)
+    labels = torch.as_tensor(list(dataset["label"]), dtype=torch.long)
+    if (labels < 0).any():
+        raise HeadpruneError("the data set has unlabelled rows (label -1); evaluate on a labelled split")
+    values = compute_metrics(logits, labels, metrics)
+    return EvalResult(
+        metrics=values,
+        examples=int(logits.shape[0]),
+        model=model_name or str(getattr(model.config, "_name_or_path", "")),
+        data=data_name,
+        split=split,
+        seconds=round(time.perf_counter() - started, 3),
+        processes=distributed.num_processes(),
+    )
+
+
+def load_model(name: str) -> tuple[PreTrainedModel, Any]:
+    """``(model, tokenizer)`` for a pruned or dense model directory, ``"default"`` or ``"minilm"``."""
+    from attribution.models import load_classifier
+    from prune.finetune import resolve_model
+    from prune.surgery import load_pruned, read_kept_heads
+
+    path = resolve_model(name)
+    if Path(path).is_dir() and read_kept_heads(path) is not None:
+        model, tokenizer = load_pruned(path)
+    else:
+        model, tokenizer = load_classifier(path)
+    if tokenizer is None:
+        raise HeadpruneError(f"no tokenizer saved with the model in {path}")
+    return model, tokenizer
+
+
+def evaluate_model(
+    model: str,
+    data: str = "tweets",
+    *,
+    split: str = "test",
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    max_examples: int | None = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Load ``model`` (a directory, pruned or not, or ``"default"``) and evaluate it on ``split``
+    of ``data`` (``"tweets"``, a hub name or a local file; see ``attribution.data.load_splits``)."""
+    from attribution.data import DataSpec, as_spec, load_splits
+
+    spec = as_spec(data)
+    if max_length is not None:
+        spec = DataSpec(**{**asdict(spec), "max_length": max_length})
+    splits = load_splits(spec)
+    if split not in splits:
+        raise HeadpruneError(f"no split {split!r} in {spec.name}; choose one of {', '.join(splits)}")
+    dataset = splits[split]
+    if max_examples is not None:
+        if max_examples < 1:
+            raise HeadpruneError(f"max_examples must be positive, got {max_examples}")
+        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    loaded, tokenizer = load_model(model)
+    return evaluate(
+        loaded,
+        tokenizer,
+        dataset,
+        metrics=metrics,
+        batch_size=batch_size,
+        max_length=spec.max_length,
+        progress=progress,
+        model_name=model,
+        data_name=spec.name,
+        split=split,
+    )

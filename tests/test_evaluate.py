@@ -1,0 +1,159 @@
+"""Re-evaluation (metrics, result files) and the ``headprune evaluate`` / ``headprune prune`` commands."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from attribution import instrument
+from attribution.errors import HeadpruneError
+from attribution.scores import HeadScores
+from prune.cli import main
+from prune.commands.prune_heads import REPORT_NAME, PruneReport
+from prune.evaluate import EvalResult, evaluate, predict
+from prune.masking import mask_heads
+from prune.metrics import accuracy, macro_f1
+from prune.surgery import load_pruned, save_pruned
+from tests.conftest import tiny_model
+from tests.prune_helpers import sensitive, tiny_dataset, tiny_tokenizer
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    return tiny_tokenizer(tmp_path / "tok")
+
+
+@pytest.fixture
+def model():
+    return sensitive(tiny_model("bert", seed=4), seed=4)
+
+
+def test_predict_matches_one_row_at_a_time(model, tokenizer):
+    data = tiny_dataset(11, seed=1)
+    logits = predict(model, tokenizer, data, batch_size=4)  # length-sorted, padded batches
+    assert logits.shape == (11, 3)
+    for row in range(11):
+        alone = tokenizer(data[row]["text"], return_tensors="pt")
+        torch.testing.assert_close(logits[row], model(**alone).logits[0], atol=1e-5, rtol=0)
+
+
+def test_evaluate_metrics_equal_direct_computation(model, tokenizer, tmp_path):
+    data = tiny_dataset(23, seed=2)
+    result = evaluate(model, tokenizer, data, metrics=("accuracy", "macro_f1", "mcc"), batch_size=5, split="x")
+    manual = torch.stack([model(**tokenizer(t, return_tensors="pt")).logits[0] for t in data["text"]]).argmax(1)
+    labels = list(data["label"])
+    assert result.examples == 23 and result.processes == 1 and result.split == "x"
+    assert result.metrics["accuracy"] == pytest.approx(accuracy(manual, labels))
+    assert result.metrics["macro_f1"] == pytest.approx(macro_f1(manual, labels))
+    assert set(result.metrics) == {"accuracy", "macro_f1", "mcc"}
+    assert EvalResult.load(result.save(tmp_path / "eval.json")) == result
+
+
+def test_masked_and_saved_pruned_models_evaluate_alike(model, tokenizer, tmp_path):
+    data = tiny_dataset(17, seed=3)
+    heads = {0: [0, 1], 2: [1, 2, 3]}
+    with mask_heads(model, heads):
+        masked = evaluate(model, tokenizer, data).metrics
+        expected_logits = predict(model, tokenizer, data)
+    path = save_pruned(model, tmp_path / "p", tokenizer)  # dense copy: heads unmasked again
+    loaded, loaded_tok = load_pruned(path)
+    assert instrument.heads_per_layer(loaded) == [4, 4, 4]
+    with mask_heads(model, heads):
+        path = save_pruned(model, tmp_path / "p2", tokenizer)
+    loaded, loaded_tok = load_pruned(path)
+    assert instrument.heads_per_layer(loaded) == [2, 4, 1]
+    torch.testing.assert_close(predict(loaded, loaded_tok, data), expected_logits, atol=1e-5, rtol=0)
+    assert evaluate(loaded, loaded_tok, data).metrics == masked
+
+
+def test_evaluate_bad_input(model, tokenizer):
+    data = tiny_dataset(5)
+    with pytest.raises(HeadpruneError, match="unknown metric 'bleu'"):
+        evaluate(model, tokenizer, data, metrics=["accuracy", "bleu"])
+    with pytest.raises(HeadpruneError, match="no 'label' column"):
+        evaluate(model, tokenizer, data.remove_columns("label"))
+    with pytest.raises(HeadpruneError, match="empty"):
+        evaluate(model, tokenizer, data.select([]))
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+@pytest.fixture
+def workspace(tmp_path, model, tokenizer):
+    """A saved tiny dense model with its tokenizer, a CSV data set and a scores file for it."""
+    model_dir = save_pruned(model, tmp_path / "dense", tokenizer)
+    data = tiny_dataset(80, seed=5)
+    csv_path = tmp_path / "data.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(data["text"], data["label"], strict=True))
+    scores = HeadScores(torch.arange(12.0).reshape(3, 4).flip(1), "synthetic")  # head 3 worst in each layer
+    scores_path = scores.save(tmp_path / "scores.json")
+    return {"model": str(model_dir), "data": str(csv_path), "scores": str(scores_path), "tmp": tmp_path}
+
+
+def test_cli_evaluate(workspace, capsys):
+    out = workspace["tmp"] / "result.json"
+    code = main(["evaluate", "--model", workspace["model"], "--data", workspace["data"], "--split", "test",
+                 "--metrics", "accuracy,macro_f1", "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    result = EvalResult.load(out)
+    assert result.examples == 8 and result.split == "test"  # 10% of 80 rows carved out as test
+    assert f"accuracy: {result.metrics['accuracy']:.4f}" in printed
+
+
+def test_cli_prune_sparsity_with_repair_and_evaluation(workspace, capsys):
+    out = workspace["tmp"] / "pruned"
+    code = main(["prune", "--model", workspace["model"], "--scores", workspace["scores"], "--sparsity", "0.5",
+                 "--repair", "--evaluate", "--data", workspace["data"], "--calibration-examples", "16",
+                 "--eval-examples", "8", "--out", str(out), "--quiet"])
+    assert code == 0
+    report = PruneReport.load(out / REPORT_NAME)
+    # values descend along each row after flip: head 3 of every layer is lowest, then head 2 ...
+    # the 6 lowest overall are layer 0's heads 3, 2, 1, 0 and layer 1's heads 3, 2
+    assert report.removed == {0: [0, 1, 2, 3], 1: [2, 3]}
+    assert report.heads_after == 6 and set(report.metrics) == {"dense", "pruned", "repaired"}
+    assert report.repair is not None and [r["layer"] for r in report.repair["layers"]] == [1]
+    loaded, _ = load_pruned(out)
+    assert instrument.kept_heads(loaded) == [[], [0, 1], [0, 1, 2, 3]]
+    assert "removed 6 heads" in capsys.readouterr().out
+
+
+def test_cli_prune_keep_per_layer_on_a_pruned_model(workspace):
+    first = workspace["tmp"] / "first"
+    assert main(["prune", "--model", workspace["model"], "--scores", workspace["scores"], "--count", "2",
+                 "--out", str(first), "--quiet"]) == 0
+    second = workspace["tmp"] / "second"
+    assert main(["prune", "--model", str(first), "--scores", workspace["scores"], "--keep-per-layer", "1",
+                 "--out", str(second), "--quiet"]) == 0
+    # count 2 removed (0, 3), (0, 2); keep-per-layer 1 then keeps the best present head of each layer
+    assert json.loads((second / "config.json").read_text())["headprune_kept_heads"] == [[0], [0], [0]]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sparsity", "1.5"], "sparsity must be a fraction strictly between 0 and 1"),
+        (["--sparsity", "0"], "sparsity must be a fraction strictly between 0 and 1"),
+        (["--keep-per-layer", "9"], "keep-per-layer must be an integer in 1..4"),
+        (["--count", "2", "--metric", "bleu"], "unknown metric 'bleu'"),
+        (["--count", "2", "--scores", "OTHER"], "2 layers x 4 heads, but this model has 3 x 4"),
+        (["--count", "2", "--scores", "MISSING"], "scores file not found"),
+    ],
+)
+def test_cli_prune_bad_input_is_one_line(workspace, capsys, extra, message):
+    other = HeadScores(torch.zeros(2, 4), "x").save(workspace["tmp"] / "other.json")
+    args = ["prune", "--model", workspace["model"], "--scores", workspace["scores"], "--out",
+            str(workspace["tmp"] / "never"), "--quiet", *extra]
+    args = [str(other) if a == "OTHER" else str(workspace["tmp"] / "nope.json") if a == "MISSING" else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("headprune: error: ") and message in err and "\n" not in err
+    assert not (workspace["tmp"] / "never").exists()
