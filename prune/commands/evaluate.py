@@ -3,7 +3,12 @@
 Runs on one process, or sharded over several with results gathered (no example counted twice)::
 
     headprune evaluate --model pruned/ --data tweets --split test
-    accelerate launch --num_processes 2 --cpu -m prune.cli evaluate --model pruned/ --data tweets
+    torchrun --nproc_per_node 2 -m prune.cli evaluate --model pruned/ --data tweets
+    accelerate launch --multi_gpu --num_processes 2 -m prune.cli evaluate --model pruned/ --data tweets
+
+(``--multi_gpu`` also works on a CPU-only machine: headprune then uses gloo on the CPU. Note that
+``accelerate launch --num_processes 2 --cpu`` without a multi-CPU ``accelerate config`` starts a
+single process.)
 """
 
 from __future__ import annotations
