@@ -254,7 +254,7 @@ class AttAttr:
         scaled = scaled.detach().requires_grad_(with_grad)
         with instrument.AttentionProbe(model) as probe, torch.set_grad_enabled(with_grad):
             probe.replace[layer] = scaled
-            with instrument.start_at_layer(model, layer, hidden[rows]):
+            with instrument.start_at_layer(model, layer, hidden[rows]), instrument.first_token_last_layer(model):
                 logits = model(**{key: value[rows] for key, value in batch.items()}).logits.float()
             values = target_output(logits, target[rows], self.output)
             if not with_grad:

@@ -222,7 +222,8 @@ def _headprune_attention(
         return _apply_gates(module, probe, layer, output).transpose(1, 2).contiguous(), None
 
     if isinstance(replacement, torch.Tensor):
-        probs = replacement
+        # fewer query rows than the replacement: first_token_last_layer, which keeps the first rows
+        probs = replacement[..., : query.shape[-2], :] if replacement.shape[-2] != query.shape[-2] else replacement
     else:
         if scaling is None:
             scaling = query.size(-1) ** -0.5
@@ -333,6 +334,77 @@ def start_at_layer(model: PreTrainedModel, layer: int, hidden_states: torch.Tens
     finally:
         for lower in layers[:layer]:
             lower.__dict__.pop("forward", None)
+
+
+def reads_first_token_only(model: PreTrainedModel) -> bool:
+    """True when the task head reads only the first token of the last hidden state: the
+    sequence-classification heads of every supported family do (BERT's pooler, RoBERTa's and
+    ELECTRA's classification heads, DistilBERT's pre-classifier all take position 0)."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+@contextlib.contextmanager
+def first_token_last_layer(model: PreTrainedModel) -> Iterator[None]:
+    """Inside the block the last encoder layer computes only the first token's output.
+
+    Its keys and values still come from every token, so the first token's output, and hence the
+    classifier's logits, are unchanged; the last hidden state becomes ``[B, 1, D]``. This saves
+    nearly a whole layer per forward and backward pass. A replacement given to the probe for that
+    layer keeps its full ``[B, H, T, T]`` shape; only its first query row is used (the others get
+    zero gradient, correctly: they cannot change the output). No-op for other task heads.
+    """
+    if not reads_first_token_only(model):
+        yield
+        return
+    family = model_family(model)
+    last = encoder_layers(model)[-1]
+    forward = _distilbert_first_token_forward if family.output_inside_attention else _bert_first_token_forward
+    try:
+        last.forward = types.MethodType(forward, last)
+        yield
+    finally:
+        last.__dict__.pop("forward", None)
+
+
+def _first_token_context(
+    attention: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+    names: tuple[str, str, str],
+) -> torch.Tensor:
+    """The concatenated head outputs ``[B, 1, H_l * d_h]`` for the first query position only."""
+    bsz, seq, _ = hidden_states.shape
+    if "forward" in attention.__dict__:  # a layer pruned to zero heads
+        return hidden_states.new_zeros(bsz, 1, 0)
+    d_h = attention.attention_head_size
+    query, key, value = (getattr(attention, name) for name in names)
+    q = query(hidden_states[:, :1]).view(bsz, 1, -1, d_h).transpose(1, 2)
+    k = key(hidden_states).view(bsz, seq, -1, d_h).transpose(1, 2)
+    v = value(hidden_states).view(bsz, seq, -1, d_h).transpose(1, 2)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :1, :]
+    dropout = attention.dropout.p if attention.training else 0.0
+    context, _ = _headprune_attention(attention, q, k, v, attention_mask, scaling=attention.scaling, dropout=dropout)
+    return context.reshape(bsz, 1, -1)
+
+
+def _bert_first_token_forward(
+    self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    *args: object, **kwargs: object,
+) -> torch.Tensor:
+    family = _BERT_LIKE
+    context = _first_token_context(
+        self.attention.self, hidden_states, attention_mask, (family.query, family.key, family.value)
+    )
+    attention_output = self.attention.output(context, hidden_states[:, :1])
+    return self.output(self.intermediate(attention_output), attention_output)
+
+
+def _distilbert_first_token_forward(
+    self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    *args: object, **kwargs: object,
+) -> torch.Tensor:
+    context = _first_token_context(self.attention, hidden_states, attention_mask, ("q_lin", "k_lin", "v_lin"))
+    attention_output = self.sa_layer_norm(self.attention.out_lin(context) + hidden_states[:, :1])
+    return self.output_layer_norm(self.ffn(attention_output) + attention_output)
 
 
 def layer_inputs(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:

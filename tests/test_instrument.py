@@ -116,3 +116,22 @@ def test_unsupported_family_gets_one_clear_error():
     model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20, num_labels=2))
     with pytest.raises(HeadpruneError, match="'gpt2' is not supported; headprune supports bert, roberta"):
         instrument.AttentionProbe(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("last_layer_heads", [[0, 1, 2, 3], [1, 3], []])
+def test_first_token_last_layer_keeps_logits(family, last_layer_heads):
+    model = tiny_model(family)
+    instrument.keep_heads_in_layer(model, 2, last_layer_heads)
+    batch = padded_batch(pad_id=pad_id(model))
+    full = model(**batch).logits
+    with instrument.first_token_last_layer(model):
+        torch.testing.assert_close(model(**batch).logits, full, atol=1e-6, rtol=0)
+    if last_layer_heads:  # a full-size replacement for the cut layer: only its first query row is used
+        with instrument.AttentionProbe(model, capture=True) as probe:
+            model(**batch)
+            probe.replace[2] = probe.attentions[2].detach()
+            probe.capture = False
+            with instrument.first_token_last_layer(model):
+                torch.testing.assert_close(model(**batch).logits, full, atol=1e-6, rtol=0)
+    assert "forward" not in instrument.encoder_layers(model)[2].__dict__
