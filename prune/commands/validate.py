@@ -1,0 +1,83 @@
+"""``headprune validate``: check a recipe (and ``--set`` overrides) without running anything."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the validation options."""
+    parser.add_argument("recipe", nargs="?", help="the YAML recipe to check")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value (YAML syntax), e.g. --set score.examples=100; repeatable",
+    )
+    parser.add_argument(
+        "--print", dest="show", action="store_true", help="print the recipe with every default filled in"
+    )
+    parser.add_argument("--schema", action="store_true", help="print every recipe key, its default and what it expects")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit 0 and summarise the stages when the recipe is valid; errors exit 2 (one line)."""
+    from attribution.errors import HeadpruneError
+    from prune.recipe import describe_schema, load_recipe
+
+    if args.schema:
+        print(describe_schema())
+        return 0
+    if not args.recipe:
+        raise HeadpruneError("give a recipe file (or --schema)")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.show:
+        print(recipe.to_yaml(), end="")
+        return 0
+    print(f"{args.recipe}: valid")
+    for line in plan(recipe):
+        print(f"  {line}")
+    return 0
+
+
+def plan(recipe) -> list[str]:  # noqa: ANN001 - a Recipe
+    """One line per stage the recipe will run."""
+    lines = []
+    if recipe.finetune is not None:
+        lines.append(
+            f"finetune  {recipe.model} on {recipe.data.name} ({recipe.finetune.train_examples} examples, cached)"
+        )
+    elif recipe.model == "default":
+        lines.append("finetune  the default MiniLM tweets classifier, if not cached")
+    else:
+        lines.append(f"model     {recipe.model}")
+    lines.append(f"dense     {', '.join(recipe.evaluate.metrics)} on {recipe.evaluate.split}")
+    for name, options in recipe.score.criteria.items():
+        extra = ", ".join(f"{k}={v}" for k, v in options.items())
+        lines.append(
+            f"score     {name}{f' ({extra})' if extra else ''} on {recipe.score.examples} {recipe.score.split} rows, "
+            f"shards of {recipe.score.shard_size}"
+        )
+    if recipe.sweep is not None:
+        fractions = ", ".join(f"{f:g}" for f in recipe.sweep.fractions)
+        lines.append(f"sweep     fractions {fractions} by {recipe.sweep.metric} on {recipe.sweep.split}")
+    if recipe.prune is not None:
+        target = recipe.prune.target
+        how = (
+            f"fraction {target.fraction}"
+            if target.fraction is not None
+            else f"keep {target.keep_per_layer} per layer"
+            if target.keep_per_layer is not None
+            else f"largest swept fraction within {target.max_drop} of dense"
+        )
+        lines.append(f"prune     by {recipe.prune.criterion}: {how}")
+    if recipe.repair is not None:
+        lines.append(f"repair    on {recipe.repair.examples} {recipe.repair.split} rows")
+    if recipe.cost is not None and recipe.prune is not None:
+        lines.append(f"cost      params, FLOPs, latency at batch {', '.join(map(str, recipe.cost.batch_sizes))}")
+    if recipe.export is not None and recipe.export.onnx:
+        lines.append(f"export    ONNX opset {recipe.export.opset}")
+    lines.append("report    report.md + report.html")
+    return lines
