@@ -1,0 +1,174 @@
+"""Benchmark: fast AttAttr against the slow reference, side by side in one process.
+
+The reference is the independent implementation the tests use (tests/reference.py): per example
+and per layer, a batch of m scaled copies through the whole model, m = 20, riemann_right. The fast
+path (``attribution.AttAttr``) runs several settings on the same examples. Per setting it prints
+seconds per example, speedup over the reference, median / 90th-percentile relative completeness
+error |sum(Attr) - (F(A) - F(0))| / |F(A) - F(0)|, max abs difference of attributions and of the
+head-importance vector against the reference, Spearman correlation of head rankings, and the
+peak resident memory added while the setting ran. Then it times a 200-example head ranking with
+the recommended setting through ``head_importance`` (streamed per batch).
+
+    python scripts/bench_attattr.py                 # the embedded default model, 24 tweets
+    python scripts/bench_attattr.py --examples 48 --ranking-examples 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.reference
+
+from attribution import AttAttr, HeadScores, head_importance  # noqa: E402
+from attribution.data import iter_batches, load_splits  # noqa: E402
+from attribution.models import load_classifier  # noqa: E402
+from prune.finetune import resolve_model  # noqa: E402
+from tests.reference import reference_attattr  # noqa: E402
+
+SETTINGS = [  # (label, method, n_steps)
+    ("fast riemann_right 20 (exact)", "riemann_right", 20),
+    ("fast gausslegendre 3", "gausslegendre", 3),
+    ("fast gausslegendre 4", "gausslegendre", 4),
+    ("fast gausslegendre 6", "gausslegendre", 6),
+]
+RECOMMENDED = ("gausslegendre", 4)
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry (CPU), or torch's allocator peak on GPU."""
+
+    def __enter__(self) -> PeakMemory:
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+        self.thread.join()
+        if torch.cuda.is_available():
+            self.megabytes = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.megabytes = (self.peak - self.start) / 2**20
+
+
+def head_vector(attributions: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over examples of the max over valid token pairs: ``[L, H]`` from per-example ``[L, H, n, n]``."""
+    return torch.stack([a.flatten(2).max(-1).values.double() for a in attributions]).mean(0)
+
+
+def relative_errors(attributions: list[torch.Tensor], deltas: list[torch.Tensor]) -> torch.Tensor:
+    gaps = torch.stack([a.double().sum(dim=(1, 2, 3)) for a in attributions]) - torch.stack(deltas).double()
+    return torch.stack(deltas).double().abs().flatten() / gaps.abs().flatten().clamp_min(1e-12)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--examples", type=int, default=24, help="tweets compared against the reference")
+    parser.add_argument("--ranking-examples", type=int, default=200, help="0 to skip the ranking timing")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_classifier(resolve_model(args.model))
+    split = load_splits("tweets")["validation"]
+    examples = split.select(range(args.examples))
+    batches = [
+        {k: v for k, v in b.items() if k not in ("labels",)}
+        for b in iter_batches(examples, tokenizer, batch_size=args.batch_size, sort_by_length=True)
+    ]
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    print(f"model {args.model}: {model.config.num_hidden_layers} layers x {model.config.num_attention_heads} heads; "
+          f"{args.examples} validation tweets, mean length {sum(lengths) / len(lengths):.1f} tokens; "
+          f"{torch.get_num_threads()} threads")
+
+    def per_example(batch_results: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, list, list]:
+        attributions, deltas, order = [], [], []
+        for batch, (attr, delta) in zip(batches, batch_results, strict=True):
+            for row in range(attr.shape[0]):
+                n = int(batch["attention_mask"][row].sum())
+                attributions.append(attr[row, :, :, :n, :n])
+                deltas.append(delta[row])
+                order.append(int(batch["index"][row]))
+        return attributions, deltas, order
+
+    # ---- reference ----
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        reference = [
+            reference_attattr(model, {k: v for k, v in b.items() if k != "index"}, n_steps=20) for b in batches
+        ]
+        reference_seconds = (time.perf_counter() - started) / args.examples
+    ref_attr, ref_delta, _ = per_example(reference)
+    ref_heads = head_vector(ref_attr)
+    ref_errors = relative_errors(ref_attr, ref_delta)
+    ref_scores = HeadScores(ref_heads, "attattr")
+
+    header = (f"{'setting':34s} {'s/example':>9s} {'speedup':>8s} {'compl. err median':>17s} {'p90':>7s} "
+              f"{'max|dAttr|':>10s} {'max|dHead|':>10s} {'Spearman':>8s} {'peak MB':>8s}")
+    print(header)
+    print("-" * len(header))
+    print(f"{'reference riemann_right 20':34s} {reference_seconds:9.3f} {1.0:8.2f} {ref_errors.median():17.2%} "
+          f"{torch.quantile(ref_errors, 0.9):7.2%} {0.0:10.2e} {0.0:10.2e} {1.0:8.4f} {memory.megabytes:8.0f}")
+
+    explainer = AttAttr(model)
+    for label, method, steps in SETTINGS:
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            results = [
+                explainer.attribute(
+                    {k: v for k, v in b.items() if k != "index"}, n_steps=steps, method=method,
+                    return_convergence_delta=True,
+                )
+                for b in batches
+            ]
+            seconds = (time.perf_counter() - started) / args.examples
+        attributions, deltas, _ = per_example(results)
+        errors = relative_errors(attributions, deltas)
+        max_attr = max(float((a.double() - r).abs().max()) for a, r in zip(attributions, ref_attr, strict=True))
+        heads = head_vector(attributions)
+        spearman = HeadScores(heads, "attattr").spearman(ref_scores)
+        print(f"{label:34s} {seconds:9.3f} {reference_seconds / seconds:8.2f} {errors.median():17.2%} "
+              f"{torch.quantile(errors, 0.9):7.2%} {max_attr:10.2e} {float((heads - ref_heads).abs().max()):10.2e} "
+              f"{spearman:8.4f} {memory.megabytes:8.0f}")
+
+    if args.ranking_examples:
+        method, steps = RECOMMENDED
+        ranking_split = split.select(range(min(args.ranking_examples, len(split))))
+        stream = (
+            {k: v for k, v in b.items() if k != "index"}
+            for b in iter_batches(ranking_split, tokenizer, batch_size=args.batch_size, sort_by_length=True)
+        )
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            scores = head_importance(model, stream, "attattr", n_steps=steps, method=method,
+                                     total=len(ranking_split), progress=False)
+            seconds = time.perf_counter() - started
+        error = scores.provenance["relative_completeness_error"]
+        print(f"\nhead ranking, {len(ranking_split)} examples, {method} {steps}: {seconds:.1f} s "
+              f"({seconds / len(ranking_split):.3f} s/example), completeness error median {error['median']:.2%} "
+              f"p90 {error['p90']:.2%}, peak +{memory.megabytes:.0f} MB; top-5 "
+              + ", ".join(f"L{layer}H{head}" for layer, head in scores.top(5)))
+
+
+if __name__ == "__main__":
+    main()
