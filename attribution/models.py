@@ -122,6 +122,15 @@ def load_classifier(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     target = resolve_name(name_or_path)
+    config_path = Path(target) / "config.json"
+    saved = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    heads = saved.get("num_attention_heads") or saved.get("n_heads")
+    if any(len(kept) != heads for kept in saved.get("headprune_kept_heads") or []):
+        # Its q/k/v/output shapes differ from the config's head count: from_pretrained would raise,
+        # or with ignore_mismatched_sizes silently re-initialise them. prune.surgery rebuilds it.
+        raise HeadpruneError(
+            f"{os.fspath(name_or_path)} is a pruned headprune checkpoint: load it with prune.load_pruned"
+        )
     kwargs: dict[str, Any] = {}
     if label_names is not None:
         label_names = [str(n) for n in label_names]

@@ -164,3 +164,35 @@ def test_load_errors_are_one_line(bert, tmp_path):
     with pytest.raises(HeadpruneError, match="do not fit the recorded heads") as error:
         load_pruned(path)
     assert "\n" not in str(error.value)
+
+
+def test_load_classifier_refuses_pruned_but_takes_dense_checkpoints(bert, batch, tmp_path):
+    """attribution's loader would otherwise re-initialise the sliced weights when asked for num_labels."""
+    from attribution.models import load_classifier
+
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    dense_dir = save_pruned(bert, tmp_path / "dense", tokenizer)
+    model, _ = load_classifier(dense_dir, num_labels=3)
+    torch.testing.assert_close(model(**batch).logits, bert(**batch).logits, atol=0, rtol=0)
+    remove_heads(bert, {1: [2]})
+    pruned_dir = save_pruned(bert, tmp_path / "pruned", tokenizer)
+    with pytest.raises(HeadpruneError, match="pruned headprune checkpoint: load it with prune.load_pruned"):
+        load_classifier(pruned_dir, num_labels=3)
+
+
+@pytest.mark.slow
+def test_real_minilm_masked_equals_removed_and_round_trips(tmp_path):
+    from attribution.models import load_classifier
+
+    torch.manual_seed(0)  # the classification head is freshly initialised
+    model, tokenizer = load_classifier("minilm", num_labels=3)
+    batch = dict(tokenizer(["the movie was great", "terrible service, never again!!"], padding=True,
+                           return_tensors="pt"))
+    heads = {0: [0, 5, 11], 3: list(range(12)), 5: [1, 2, 3, 4, 5, 6]}
+    with mask_heads(model, heads):
+        masked = model(**batch).logits
+    remove_heads(model, heads)
+    torch.testing.assert_close(model(**batch).logits, masked, atol=1e-5, rtol=0)
+    loaded, _ = load_pruned(save_pruned(model, tmp_path / "minilm", tokenizer))
+    torch.testing.assert_close(loaded(**batch).logits, masked, atol=1e-5, rtol=0)
+    assert instrument.heads_per_layer(loaded) == [9, 12, 12, 0, 12, 6]
