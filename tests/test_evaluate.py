@@ -157,3 +157,24 @@ def test_cli_prune_bad_input_is_one_line(workspace, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("headprune: error: ") and message in err and "\n" not in err
     assert not (workspace["tmp"] / "never").exists()
+
+
+def test_cli_prune_iterative(workspace, capsys):
+    scores = HeadScores(torch.rand(3, 4, generator=torch.Generator().manual_seed(0)), "attention",
+                        {"options": {}})
+    scores_path = scores.save(workspace["tmp"] / "attention.json")
+    out = workspace["tmp"] / "iterative"
+    code = main(["prune", "--model", workspace["model"], "--scores", str(scores_path), "--iterative",
+                 "--tolerance", "0.5", "--step", "0.25", "--data", workspace["data"], "--eval-examples", "8",
+                 "--score-examples", "8", "--out", str(out), "--quiet"])
+    assert code == 0
+    report = PruneReport.load(out / REPORT_NAME)
+    history = report.iterative["history"]
+    accepted = [r for r in history if r["accepted"]]
+    assert accepted and {int(k): v for k, v in accepted[-1]["heads"].items()} == report.removed
+    # 25% of 12 heads per round, never the last head
+    assert all(r["pruned"] == min(3 * (i + 1), 11) for i, r in enumerate(history))
+    assert report.metrics["pruned"]["accuracy"] >= report.metrics["dense"]["accuracy"] * 0.5
+    loaded, _ = load_pruned(out)
+    assert sum(instrument.heads_per_layer(loaded)) == 12 - len(sum(report.removed.values(), []))
+    assert "iterative:" in capsys.readouterr().out
