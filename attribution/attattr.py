@@ -199,7 +199,9 @@ class AttAttr:
                     yield LayerAttribution(layer, result, zero, f_full, f_full)
                     continue
                 attention = attentions[layer].float()  # [B, H_l, T, T]
-                # F(0): the baseline needs no gradient, so it is one cheap pass for the whole batch.
+                values = instrument.head_values(model, layer, hidden_in[layer]).float()  # [B, H_l, T, d_h]
+                # Scaling the attention by alpha scales the heads' outputs A @ V by alpha.
+                context = attention @ values
                 f_base = torch.cat(
                     [
                         self._run_from(
@@ -208,13 +210,13 @@ class AttAttr:
                             hidden_in[layer],
                             target_ids,
                             rows,
-                            torch.zeros_like(attentions[layer][rows]),
+                            torch.zeros_like(context[rows]),
                             with_grad=False,
                         )[0]
                         for rows in torch.arange(bsz, device=mask.device).split(chunk)
                     ]
                 )
-                grad_sum = torch.zeros_like(attention)
+                context_grad = torch.zeros_like(context)
                 steps = torch.tensor(alphas, device=mask.device, dtype=torch.float32)
                 step_weights = torch.tensor(weights, device=mask.device, dtype=torch.float32)
                 pairs = torch.cartesian_prod(
@@ -222,18 +224,18 @@ class AttAttr:
                 )
                 for part in pairs.split(chunk):
                     ex, k = part[:, 0], part[:, 1]
-                    scaled = steps[k][:, None, None, None] * attention[ex]
                     _, grad = self._run_from(
                         layer,
                         batch,
                         hidden_in[layer],
                         target_ids,
                         ex,
-                        scaled.to(attentions[layer].dtype),
+                        steps[k][:, None, None, None] * context[ex],
                         with_grad=True,
                     )
-                    grad_sum.index_add_(0, ex, grad.float() * step_weights[k][:, None, None, None])
-                attribution = attention * grad_sum * pair_mask[:, None]
+                    context_grad.index_add_(0, ex, grad.float() * step_weights[k][:, None, None, None])
+                # dF/dA = dF/d(A @ V) @ V^T, so the weighted sum over steps needs one product at the end.
+                attribution = attention * (context_grad @ values.transpose(-1, -2)) * pair_mask[:, None]
                 result[:, heads] = attribution
                 delta = attribution.sum(dim=(1, 2, 3)) - (f_full - f_base)
                 yield LayerAttribution(layer, result, delta, f_full, f_base)
@@ -245,21 +247,25 @@ class AttAttr:
         hidden: torch.Tensor,
         target: torch.Tensor,
         rows: torch.Tensor,
-        scaled: torch.Tensor,
+        context: torch.Tensor,
         with_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """F for ``rows`` (example indices) with layer ``layer``'s attention replaced by ``scaled``
-        ``[R, H_l, T, T]``, running only layers ``layer..L-1``; and dF/d(scaled) when ``with_grad``."""
+        """F for ``rows`` (example indices) with layer ``layer``'s head outputs set to ``context``
+        ``[R, H_l, T, d_h]``, running only layers ``layer..L-1`` (the last one for the first token
+        only); and dF/d(context) when ``with_grad``."""
         model = self.model
-        scaled = scaled.detach().requires_grad_(with_grad)
-        with instrument.AttentionProbe(model) as probe, torch.set_grad_enabled(with_grad):
-            probe.replace[layer] = scaled
-            with instrument.start_at_layer(model, layer, hidden[rows]), instrument.first_token_last_layer(model):
-                logits = model(**{key: value[rows] for key, value in batch.items()}).logits.float()
+        context = context.detach().requires_grad_(with_grad)
+        with (
+            torch.set_grad_enabled(with_grad),
+            instrument.start_at_layer(model, layer, hidden[rows]),
+            instrument.inject_context(model, layer, context),
+            instrument.first_token_last_layer(model),
+        ):
+            logits = model(**{key: value[rows] for key, value in batch.items()}).logits.float()
             values = target_output(logits, target[rows], self.output)
             if not with_grad:
                 return values, None
-            (grad,) = torch.autograd.grad(values.sum(), scaled)
+            (grad,) = torch.autograd.grad(values.sum(), context)
         return values.detach(), grad
 
     @staticmethod

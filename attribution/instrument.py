@@ -336,6 +336,52 @@ def start_at_layer(model: PreTrainedModel, layer: int, hidden_states: torch.Tens
             lower.__dict__.pop("forward", None)
 
 
+def head_values(model: PreTrainedModel, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Per-head values ``[B, H_l, T, d_h]`` of ``layer`` for its input ``hidden_states`` ``[B, T, D]``."""
+    family = model_family(model)
+    attention = attention_modules(model)[layer]
+    bsz, seq, _ = hidden_states.shape
+    value = _get(attention, family.value)(hidden_states)
+    return value.view(bsz, seq, -1, attention.attention_head_size).transpose(1, 2)
+
+
+@contextlib.contextmanager
+def inject_context(model: PreTrainedModel, layer: int, context: torch.Tensor) -> Iterator[None]:
+    """Inside the block, the heads of ``layer`` output ``context`` ``[B, H_l, T, d_h]`` (their
+    outputs before gating, ``A_h @ V_h``) instead of computing it from Q, K and V.
+
+    For AttAttr: scaling a layer's attention by alpha scales exactly this context by alpha, and the
+    gradient with respect to the attention is the context gradient times ``V^T``; so the scaled
+    copies need neither the layer's projections nor ``[B, H, T, T]`` tensors. Persistent masks and
+    probe gates still apply.
+    """
+    attention = attention_modules(model)[layer]
+    family = model_family(model)
+    if not kept_heads(model)[layer]:
+        raise HeadpruneError(f"layer {layer} has no heads left to inject a context into")
+    inner_output = family.output.rsplit(".", 1)[-1] if family.output_inside_attention else None
+
+    def forward(self: nn.Module, hidden_states: torch.Tensor, *args: object, **kwargs: object):
+        out = _gated_context(self, hidden_states.shape[1])
+        return (getattr(self, inner_output)(out) if inner_output else out), None
+
+    try:
+        attention._headprune_context = context
+        attention.forward = types.MethodType(forward, attention)
+        yield
+    finally:
+        attention.__dict__.pop("_headprune_context", None)
+        if "forward" in attention.__dict__ and attention.forward.__func__ is forward:
+            del attention.forward
+
+
+def _gated_context(attention: nn.Module, queries: int) -> torch.Tensor:
+    """An injected context, first ``queries`` positions, gated, as ``[B, T', H_l * d_h]``."""
+    probe, layer = getattr(attention, "_headprune_probe", None) or (None, -1)
+    context = _apply_gates(attention, probe, layer, attention._headprune_context[:, :, :queries])
+    return context.transpose(1, 2).reshape(context.shape[0], queries, -1)
+
+
 def reads_first_token_only(model: PreTrainedModel) -> bool:
     """True when the task head reads only the first token of the last hidden state: the
     sequence-classification heads of every supported family do (BERT's pooler, RoBERTa's and
@@ -372,6 +418,8 @@ def _first_token_context(
 ) -> torch.Tensor:
     """The concatenated head outputs ``[B, 1, H_l * d_h]`` for the first query position only."""
     bsz, seq, _ = hidden_states.shape
+    if "_headprune_context" in attention.__dict__:  # inject_context
+        return _gated_context(attention, 1)
     if "forward" in attention.__dict__:  # a layer pruned to zero heads
         return hidden_states.new_zeros(bsz, 1, 0)
     d_h = attention.attention_head_size

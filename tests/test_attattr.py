@@ -146,3 +146,26 @@ def test_every_supported_family_runs(family):
     model = tiny_model(family)
     attr, delta = AttAttr(model).attribute(padded_batch(pad_id=pad_id(model)), n_steps=3, return_convergence_delta=True)
     assert attr.shape == (3, 3, 4, 7, 7) and torch.isfinite(attr).all() and torch.isfinite(delta).all()
+
+
+def test_masked_model_equals_reference_and_pruned_model_equals_masked():
+    """Persistent head masks are part of F; a physically pruned model gives the masked model's
+    attributions for its surviving heads and exact zeros for removed ones."""
+    masked, pruned = sharp_model(), sharp_model()
+    batch = padded_batch(seed=5)
+    keep = {0: [0, 2, 3], 1: [1], 2: []}
+    instrument.set_head_mask(
+        masked, [torch.tensor([1.0 if h in keep[layer] else 0.0 for h in range(4)]) for layer in range(3)]
+    )
+    for layer, heads in keep.items():
+        instrument.keep_heads_in_layer(pruned, layer, heads)
+    ours, delta = AttAttr(masked).attribute(batch, n_steps=5, return_convergence_delta=True)
+    slow, slow_delta = reference_attattr(masked, batch, n_steps=5)
+    torch.testing.assert_close(ours.double(), slow, atol=1e-5, rtol=0)
+    torch.testing.assert_close(delta.double(), slow_delta, atol=1e-5, rtol=0)
+    removed, removed_delta = AttAttr(pruned).attribute(batch, n_steps=5, return_convergence_delta=True)
+    for layer, heads in keep.items():
+        gone = [h for h in range(4) if h not in heads]
+        torch.testing.assert_close(removed[:, layer, heads], ours[:, layer, heads], atol=1e-6, rtol=0)
+        assert removed[:, layer, gone].abs().sum() == 0
+    assert removed_delta[:, 2].abs().sum() == 0  # a layer with no heads: nothing to attribute, F(0) = F(A)
