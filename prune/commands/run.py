@@ -1,0 +1,49 @@
+"""``headprune run``: run a YAML recipe end to end; reruns resume where the last run stopped."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the run options."""
+    parser.add_argument("recipe", help="the YAML recipe (see recipes/ and `headprune validate --schema`)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="output directory (default: the recipe's output, else runs/<recipe name>)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value (YAML syntax), e.g. --set score.examples=100; repeatable",
+    )
+    parser.add_argument("--force", action="store_true", help="recompute every stage, even those already done")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate (nothing is written on a bad recipe), run the stages, print the final table."""
+    from prune.recipe import load_recipe
+    from prune.report import final_table_text
+    from prune.stages import run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = Path(args.out or recipe.output or Path("runs") / Path(args.recipe).stem)
+    command = shlex.join(["headprune", "run", args.recipe, "--out", str(out)] + [f"--set={o}" for o in args.overrides])
+    result = run_recipe(recipe, out, progress=not args.quiet, force=args.force, command=command)
+    if result.main:
+        table = final_table_text(out)
+        if table:
+            print()
+            print(table)
+        print()
+        print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+        print(f"wall time: {result.seconds:.1f} s ({len(result.ran)} stage(s) ran, {len(result.skipped)} skipped)")
+    return 0
