@@ -6,7 +6,7 @@ encoder, layer by layer. From AttAttr scores ``[L, H, T, T]`` of one example:
 1. sum over the heads of each layer: ``S_l`` ``[T, T]`` (``S_l[i, j]``: query ``i`` reading key ``j``);
 2. scale each layer by its maximum, taken over every query row except the classifier's (``[CLS]``,
    position 0) — that row's attributions dwarf the rest and it is the terminal of the flow, not a
-   step in it, so it is never a source of edges either;
+   step in it, so it is never a source of edges either — and over off-diagonal entries only;
 3. keep the edges whose scaled score is strictly above ``tau`` (0.4 in the paper);
 4. the root is the token with the largest total attribution as a query (sum over layers and keys of
    the positive, off-diagonal ``S_l[i, j]``, the authors' code), special tokens excluded;
@@ -20,6 +20,10 @@ Choices the paper leaves open, made deliberately here:
   stands for its hidden state entering layer ``l``, so its own layer-``l`` edges describe a
   different state. (The authors' script scans positions in index order and lets a node that just
   joined take children in the same layer, which makes the tree depend on token order.)
+- The diagonal (a token reading itself) is left out of the scale: it can never be an edge, and
+  with words merged it holds the interactions *inside* a word, which on real tweets dominate
+  (``ap -> ##olo`` of "apologise") and would push every real edge below tau. (The authors' script
+  includes the diagonal; at token level the difference is usually small.)
 - In a classifier only the ``[CLS]`` row of the last layer reaches the output, so the last layer
   has no edges once that row is excluded; a layer whose scale (its maximum) is not positive
   contributes no edges.
@@ -316,11 +320,11 @@ def build_tree(
         target &= ~dropped
     allowed = source[:, None] & target[None, :] & ~torch.eye(n, dtype=torch.bool)
 
-    # per-layer scale: the maximum over the allowed query rows (the [CLS] row excluded)
+    # per-layer scale: the maximum over the possible edges ([CLS] row and diagonal excluded)
     scaled = torch.zeros_like(scores)
     for layer in range(n_layers):
-        rows = scores[layer][source][:, target]
-        top = float(rows.max()) if rows.numel() else 0.0
+        possible = scores[layer][allowed]
+        top = float(possible.max()) if possible.numel() else 0.0
         if top > 0:
             scaled[layer] = scores[layer] / top
 

@@ -32,7 +32,7 @@ def hand_made() -> torch.Tensor:
     """[L=3, N=6, N=6] with a known structure (values chosen so every rule matters).
 
     Layer 2 (top): b reads a (4.0, the layer max -> 1.0), c (0.45), d (0.35); the [CLS] row (50) and
-      [SEP] row (4.0 -> 1.0) are there too; the diagonal b->b (1.0) never becomes an edge.
+      [SEP] row (4.0 -> 1.0) are there too; the diagonal b->b (1.0) is neither an edge nor the scale.
     Layer 1: a reads d (4.0 -> 1.0), c reads d (0.75, loses: d is taken by the stronger edge),
       c reads [SEP] (0.5), d reads b (0.975, but d is not in the tree before layer 1), [SEP] reads c.
     Layer 0: d reads [CLS] (1.0), a reads c (0.3), b reads c (negative), [CLS] row 10 (ignored).
@@ -76,6 +76,15 @@ def test_tau_is_respected_strictly():
         tree = build_tree(hand_made(), TOKENS, special=SPECIAL, tau=tau)
         assert all(e.score > tau for e in tree.edges)
     assert build_tree(hand_made(), TOKENS, special=SPECIAL, tau=1.0).edges == []
+
+
+def test_diagonal_does_not_set_the_scale():
+    # a huge self-interaction (with words merged: the pieces of one word) must not drown real edges
+    scores = hand_made()
+    scores[2, A, A] = 100.0
+    scores[1, D, D] = 100.0
+    assert edges_of(build_tree(scores, TOKENS, special=SPECIAL)) == edges_of(build_tree(hand_made(), TOKENS,
+                                                                                         special=SPECIAL))
 
 
 def test_special_tokens_dropped_and_heads_summed():
@@ -170,7 +179,9 @@ def test_tree_of_a_batch_row_ignores_padding(tokenizer):
     assert info.tokens == ["[CLS]", "w1", "alpha", "play", "##ing", "w2", "[SEP]"]
     from_batch = tree_from_attributions(attributions[0], info, tau=0.1, tokenizer=tokenizer)
     alone = attribution_tree(model, tokenizer, texts[0], tau=0.1, n_steps=4, method="gausslegendre")
-    assert edges_of(from_batch) == edges_of(alone)
+    structure = [(e.parent, e.child, e.layer) for e in from_batch.edges]
+    assert structure == [(e.parent, e.child, e.layer) for e in alone.edges]
+    assert [e.score for e in from_batch.edges] == pytest.approx([e.score for e in alone.edges], abs=1e-4)
     assert [n.text for n in from_batch.nodes] == ["[CLS]", "w1", "alpha", "playing", "w2", "[SEP]"]
     assert from_batch.nodes[3].positions == [3, 4]
 
