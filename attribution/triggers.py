@@ -325,11 +325,13 @@ def _device(model: Any) -> torch.device:
 def _predict_ids(
     model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, use_types: bool
 ) -> np.ndarray:
-    """Predicted class of each ``(input_ids, token_type_ids)`` row (padded per batch)."""
+    """Predicted class of each ``(input_ids, token_type_ids)`` row (padded per batch; rows of similar
+    length are batched together to cut padding, results in the original order)."""
     device = _device(model)
+    order = sorted(range(len(rows)), key=lambda r: (len(rows[r][0]), r))
     out = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+        chunk = [rows[r] for r in order[start : start + batch_size]]
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -342,7 +344,11 @@ def _predict_ids(
         if use_types:
             batch["token_type_ids"] = types.to(device)
         out.append(model(**batch).logits.argmax(dim=-1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+    if not out:
+        return np.zeros(0, dtype=np.int64)
+    predicted = np.empty(len(rows), dtype=np.int64)
+    predicted[order] = torch.cat(out).numpy()
+    return predicted
 
 
 def _label_names(model: Any, given: Sequence[str] | None, labels: Sequence[int]) -> list[str]:
