@@ -32,6 +32,7 @@ from attribution.quadrature import quadrature
 
 Output = Literal["probability", "logit", "loss"]
 OUTPUTS: tuple[str, ...] = ("probability", "logit", "loss")
+TOKENS_PER_CALL = 4096  # default rows per forward pass: this many tokens (internal_batch_size overrides)
 
 
 def target_output(logits: torch.Tensor, target: torch.Tensor, output: str) -> torch.Tensor:
@@ -137,7 +138,7 @@ class AttAttr:
                 far smaller completeness error for the same cost).
             layers: layer indices to attribute (default all), in the order returned.
             internal_batch_size: at most this many (example, step) rows per forward pass; bounds
-                memory. Default: all steps of 8 examples at once.
+                memory. Default: as many rows as make ``TOKENS_PER_CALL`` tokens.
             return_convergence_delta: also return ``sum(Attr) - (F(A) - F(0))``.
             autocast_dtype: run the model under autocast with this dtype (e.g. ``torch.bfloat16`` on
                 GPU); attributions are accumulated in float32. The delta shows what it cost.
@@ -190,7 +191,8 @@ class AttAttr:
             target_ids = resolve_target(target, logits)
             f_full = target_output(logits, target_ids, self.output)
 
-            chunk = internal_batch_size or len(alphas) * 8
+            # Few large calls beat many small ones (a forward call has ms of fixed overhead).
+            chunk = internal_batch_size or max(len(alphas), TOKENS_PER_CALL // seq)
             for layer in layers:
                 heads = kept[layer]
                 result = torch.zeros(bsz, total_heads, seq, seq, dtype=torch.float32, device=mask.device)

@@ -6,7 +6,7 @@ path (``attribution.AttAttr``) runs several settings on the same examples. Per s
 seconds per example, speedup over the reference, median / 90th-percentile relative completeness
 error |sum(Attr) - (F(A) - F(0))| / |F(A) - F(0)|, max abs difference of attributions and of the
 head-importance vector against the reference, Spearman correlation of head rankings, and the
-peak resident memory added while the setting ran. Then it times a 200-example head ranking with
+peak memory of the setting (measured in a fresh process per setting). Then it times a 200-example head ranking with
 the recommended setting through ``head_importance`` (streamed per batch).
 
     python scripts/bench_attattr.py                 # the embedded default model, 24 tweets
@@ -16,8 +16,9 @@ the recommended setting through ``head_importance`` (streamed per batch).
 from __future__ import annotations
 
 import argparse
+import resource
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,31 +42,34 @@ SETTINGS = [  # (label, method, n_steps)
 RECOMMENDED = ("gausslegendre", 4)
 
 
-class PeakMemory:
-    """Peak resident memory above the level at entry (CPU), or torch's allocator peak on GPU."""
+def peak_memory_mb(args: argparse.Namespace, method: str, steps: int) -> float:
+    """Peak memory of one setting, measured in a fresh process so settings don't share allocator
+    caches: on CPU, the peak resident set above the level after loading model and data; on GPU,
+    torch's allocator peak."""
+    command = [sys.executable, __file__, "--model", args.model, "--examples", str(args.examples),
+               "--batch-size", str(args.batch_size), "--memory-of", method, str(steps)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(output.strip().splitlines()[-1])
 
-    def __enter__(self) -> PeakMemory:
-        self.process = psutil.Process()
-        self.start = self.peak = self.process.memory_info().rss
-        self.running = True
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
 
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc: object) -> None:
-        self.running = False
-        self.thread.join()
-        if torch.cuda.is_available():
-            self.megabytes = torch.cuda.max_memory_allocated() / 2**20
+def _measure_memory_here(batches: list[dict[str, torch.Tensor]], model, method: str, steps: int) -> None:
+    explainer = AttAttr(model)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    before = psutil.Process().memory_info().rss
+    peak = before
+    for batch in batches:
+        if method == "reference":
+            reference_attattr(model, batch, n_steps=steps)
         else:
-            self.megabytes = (self.peak - self.start) / 2**20
+            explainer.attribute(batch, n_steps=steps, method=method, return_convergence_delta=True)
+        peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if torch.cuda.is_available():
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print((peak - before) / 2**20)
 
 
 def head_vector(attributions: list[torch.Tensor]) -> torch.Tensor:
@@ -83,8 +87,9 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--examples", type=int, default=24, help="tweets compared against the reference")
     parser.add_argument("--ranking-examples", type=int, default=200, help="0 to skip the ranking timing")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory-of", nargs=2, metavar=("METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,6 +101,10 @@ def main() -> None:
         {k: v for k, v in b.items() if k not in ("labels",)}
         for b in iter_batches(examples, tokenizer, batch_size=args.batch_size, sort_by_length=True)
     ]
+    if args.memory_of:  # worker mode: one setting, print its peak memory
+        clean = [{k: v for k, v in b.items() if k != "index"} for b in batches]
+        _measure_memory_here(clean, model, args.memory_of[0], int(args.memory_of[1]))
+        return
     lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
     print(f"model {args.model}: {model.config.num_hidden_layers} layers x {model.config.num_attention_heads} heads; "
           f"{args.examples} validation tweets, mean length {sum(lengths) / len(lengths):.1f} tokens; "
@@ -112,12 +121,9 @@ def main() -> None:
         return attributions, deltas, order
 
     # ---- reference ----
-    with PeakMemory() as memory:
-        started = time.perf_counter()
-        reference = [
-            reference_attattr(model, {k: v for k, v in b.items() if k != "index"}, n_steps=20) for b in batches
-        ]
-        reference_seconds = (time.perf_counter() - started) / args.examples
+    started = time.perf_counter()
+    reference = [reference_attattr(model, {k: v for k, v in b.items() if k != "index"}, n_steps=20) for b in batches]
+    reference_seconds = (time.perf_counter() - started) / args.examples
     ref_attr, ref_delta, _ = per_example(reference)
     ref_heads = head_vector(ref_attr)
     ref_errors = relative_errors(ref_attr, ref_delta)
@@ -128,20 +134,20 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     print(f"{'reference riemann_right 20':34s} {reference_seconds:9.3f} {1.0:8.2f} {ref_errors.median():17.2%} "
-          f"{torch.quantile(ref_errors, 0.9):7.2%} {0.0:10.2e} {0.0:10.2e} {1.0:8.4f} {memory.megabytes:8.0f}")
+          f"{torch.quantile(ref_errors, 0.9):7.2%} {0.0:10.2e} {0.0:10.2e} {1.0:8.4f} "
+          f"{peak_memory_mb(args, 'reference', 20):8.0f}")
 
     explainer = AttAttr(model)
     for label, method, steps in SETTINGS:
-        with PeakMemory() as memory:
-            started = time.perf_counter()
-            results = [
-                explainer.attribute(
-                    {k: v for k, v in b.items() if k != "index"}, n_steps=steps, method=method,
-                    return_convergence_delta=True,
-                )
-                for b in batches
-            ]
-            seconds = (time.perf_counter() - started) / args.examples
+        started = time.perf_counter()
+        results = [
+            explainer.attribute(
+                {k: v for k, v in b.items() if k != "index"}, n_steps=steps, method=method,
+                return_convergence_delta=True,
+            )
+            for b in batches
+        ]
+        seconds = (time.perf_counter() - started) / args.examples
         attributions, deltas, _ = per_example(results)
         errors = relative_errors(attributions, deltas)
         max_attr = max(float((a.double() - r).abs().max()) for a, r in zip(attributions, ref_attr, strict=True))
@@ -149,7 +155,7 @@ def main() -> None:
         spearman = HeadScores(heads, "attattr").spearman(ref_scores)
         print(f"{label:34s} {seconds:9.3f} {reference_seconds / seconds:8.2f} {errors.median():17.2%} "
               f"{torch.quantile(errors, 0.9):7.2%} {max_attr:10.2e} {float((heads - ref_heads).abs().max()):10.2e} "
-              f"{spearman:8.4f} {memory.megabytes:8.0f}")
+              f"{spearman:8.4f} {peak_memory_mb(args, method, steps):8.0f}")
 
     if args.ranking_examples:
         method, steps = RECOMMENDED
@@ -158,15 +164,14 @@ def main() -> None:
             {k: v for k, v in b.items() if k != "index"}
             for b in iter_batches(ranking_split, tokenizer, batch_size=args.batch_size, sort_by_length=True)
         )
-        with PeakMemory() as memory:
-            started = time.perf_counter()
-            scores = head_importance(model, stream, "attattr", n_steps=steps, method=method,
-                                     total=len(ranking_split), progress=False)
-            seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        scores = head_importance(model, stream, "attattr", n_steps=steps, method=method,
+                                 total=len(ranking_split), progress=False)
+        seconds = time.perf_counter() - started
         error = scores.provenance["relative_completeness_error"]
         print(f"\nhead ranking, {len(ranking_split)} examples, {method} {steps}: {seconds:.1f} s "
               f"({seconds / len(ranking_split):.3f} s/example), completeness error median {error['median']:.2%} "
-              f"p90 {error['p90']:.2%}, peak +{memory.megabytes:.0f} MB; top-5 "
+              f"p90 {error['p90']:.2%}; top-5 "
               + ", ".join(f"L{layer}H{head}" for layer, head in scores.top(5)))
 
 

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-normalize", action="store_true", help="taylor: skip per-layer L2 normalisation")
     parser.add_argument("--seed", type=int, default=0, help="random: seed (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per batch (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="JSON", help="where to write the HeadScores")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also draw the scores as a heatmap")
