@@ -16,9 +16,9 @@ the recommended setting through ``head_importance`` (streamed per batch).
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,7 +44,7 @@ RECOMMENDED = ("gausslegendre", 4)
 
 def peak_memory_mb(args: argparse.Namespace, method: str, steps: int) -> float:
     """Peak memory of one setting, measured in a fresh process so settings don't share allocator
-    caches: on CPU, the peak resident set above the level after loading model and data; on GPU,
+    caches: on CPU, the peak resident set (sampled) above the level after loading model and data; on GPU,
     torch's allocator peak."""
     command = [sys.executable, __file__, "--model", args.model, "--examples", str(args.examples),
                "--batch-size", str(args.batch_size), "--memory-of", method, str(steps)]
@@ -58,18 +58,28 @@ def _measure_memory_here(batches: list[dict[str, torch.Tensor]], model, method: 
     explainer = AttAttr(model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    before = psutil.Process().memory_info().rss
-    peak = before
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak, running = [before], [True]
+
+    def sample() -> None:  # RSS sampled every 2 ms while the setting runs
+        while running[0]:
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for batch in batches:
         if method == "reference":
             reference_attattr(model, batch, n_steps=steps)
         else:
             explainer.attribute(batch, n_steps=steps, method=method, return_convergence_delta=True)
-        peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    running[0] = False
+    sampler.join()
     if torch.cuda.is_available():
         print(torch.cuda.max_memory_allocated() / 2**20)
     else:
-        print((peak - before) / 2**20)
+        print((peak[0] - before) / 2**20)
 
 
 def head_vector(attributions: list[torch.Tensor]) -> torch.Tensor:
