@@ -1,27 +1,34 @@
 """headprune's measuring side: instrument attention, score heads and tokens, explain decisions.
 
-``attribution`` never imports ``prune``.
+``attribution`` never imports ``prune``. Names are loaded on first use, so importing the package
+(as the CLI does for ``--help``) does not pull in torch and transformers.
 """
 
-from attribution import disentangled, relevance  # noqa: F401  (importing registers their head criteria)
-from attribution.attattr import AttAttr
-from attribution.errors import HeadpruneError
-from attribution.importance import CRITERIA, Criterion, head_importance, register_criterion
-from attribution.instrument import SUPPORTED_MODEL_TYPES, AttentionProbe
-from attribution.quadrature import quadrature
-from attribution.scores import HeadScores
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttAttr",
-    "AttentionProbe",
-    "CRITERIA",
-    "Criterion",
-    "HeadScores",
-    "HeadpruneError",
-    "SUPPORTED_MODEL_TYPES",
-    "head_importance",
-    "quadrature",
-    "register_criterion",
-]
+_EXPORTS = {
+    "AttAttr": "attribution.attattr",
+    "AttentionProbe": "attribution.instrument",
+    "CRITERIA": "attribution.importance",
+    "Criterion": "attribution.importance",
+    "HeadScores": "attribution.scores",
+    "HeadpruneError": "attribution.errors",
+    "SUPPORTED_MODEL_TYPES": "attribution.instrument",
+    "head_importance": "attribution.importance",
+    "quadrature": "attribution.quadrature",
+    "register_criterion": "attribution.importance",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'attribution' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

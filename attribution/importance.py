@@ -303,3 +303,8 @@ def _versions() -> dict[str, str]:
     from attribution import __version__
 
     return {"headprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+# Criteria defined with their methods elsewhere register on import; importing them here makes
+# CRITERIA complete whenever this module is loaded (they import only names defined above).
+from attribution import disentangled, relevance  # noqa: E402, F401
