@@ -218,7 +218,7 @@ class AttAttr:
                         for rows in torch.arange(bsz, device=mask.device).split(chunk)
                     ]
                 )
-                context_grad = torch.zeros_like(context)
+                context_grad = torch.zeros_like(context, dtype=torch.float32)  # accumulated in fp32
                 steps = torch.tensor(alphas, device=mask.device, dtype=torch.float32)
                 step_weights = torch.tensor(weights, device=mask.device, dtype=torch.float32)
                 pairs = torch.cartesian_prod(
@@ -237,7 +237,7 @@ class AttAttr:
                     )
                     context_grad.index_add_(0, ex, grad.float() * step_weights[k][:, None, None, None])
                 # dF/dA = dF/d(A @ V) @ V^T, so the weighted sum over steps needs one product at the end.
-                attribution = attention * (context_grad @ values.transpose(-1, -2)) * pair_mask[:, None]
+                attribution = attention * (context_grad @ values.float().transpose(-1, -2)).float() * pair_mask[:, None]
                 result[:, heads] = attribution
                 delta = attribution.sum(dim=(1, 2, 3)) - (f_full - f_base)
                 yield LayerAttribution(layer, result, delta, f_full, f_base)

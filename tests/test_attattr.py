@@ -169,3 +169,14 @@ def test_masked_model_equals_reference_and_pruned_model_equals_masked():
         torch.testing.assert_close(removed[:, layer, heads], ours[:, layer, heads], atol=1e-6, rtol=0)
         assert removed[:, layer, gone].abs().sum() == 0
     assert removed_delta[:, 2].abs().sum() == 0  # a layer with no heads: nothing to attribute, F(0) = F(A)
+
+
+def test_bfloat16_autocast_is_close_and_its_cost_shows_in_the_delta(bert, batch):
+    explainer = AttAttr(bert)
+    exact, exact_delta = explainer.attribute(batch, n_steps=6, method="gausslegendre", return_convergence_delta=True)
+    low, low_delta = explainer.attribute(
+        batch, n_steps=6, method="gausslegendre", return_convergence_delta=True, autocast_dtype=torch.bfloat16
+    )
+    assert low.dtype == torch.float32
+    assert (low - exact).abs().max() <= 0.1 * exact.abs().max()
+    assert low_delta.abs().max() > 10 * exact_delta.abs().max()  # what bf16 cost is visible
