@@ -135,6 +135,7 @@ def head_importance(
         dataset = dataset.select(range(min(max_examples, len(dataset))))
     if len(dataset) == 0:
         raise HeadpruneError("no examples to score heads on")
+    home = next(model.parameters()).device
     model.to(device())
     part = shard(dataset)
 
@@ -152,5 +153,6 @@ def head_importance(
         total=len(part),
         **options,
     )
+    model.to(home)
     scores.provenance["processes"] = num_processes()
     return scores

@@ -76,12 +76,14 @@ def predict(
 ) -> torch.Tensor:
     """Logits ``[N, C]`` for every row of ``dataset`` in dataset order.
 
-    Under a multi-process launch each process predicts its contiguous shard and the logits are
-    gathered, so every process returns all ``N`` rows, each computed exactly once.
+    Under a multi-process launch each process predicts its contiguous shard (on its own device)
+    and the logits are gathered, so every process returns all ``N`` rows, each computed exactly
+    once. The model is returned to its device and train/eval mode afterwards.
     """
     if len(dataset) == 0:
         raise HeadpruneError("cannot evaluate on an empty data set")
     was_training = model.training
+    home = next(model.parameters()).device  # put the model back where the caller had it
     model.eval()
     dev = distributed.device()
     model.to(dev)
@@ -100,6 +102,7 @@ def predict(
         bar.update(1)
     bar.close()
     model.train(was_training)
+    model.to(home)
     classes = int(model.config.num_labels)
     local = restore_order(torch.cat(logits), torch.cat(index)) if logits else torch.zeros(0, classes)
     return distributed.gather_rows(local)
