@@ -48,6 +48,7 @@ class OnnxExport:
     file_bytes: int
     latency_ms: dict[int, float] = field(default_factory=dict)
     sequence_length: int = 0
+    threads: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,9 +207,11 @@ def onnx_latency(
     *,
     repeats: int = 10,
     warmup: int = 2,
+    threads: int | None = None,
 ) -> float:
-    """Median milliseconds of one onnxruntime forward pass on ``batch``."""
-    session = _session(path)
+    """Median milliseconds of one onnxruntime forward pass on ``batch`` (``threads``: intra-op
+    threads, default torch's current number, so it compares with PyTorch's latency)."""
+    session = _session(path, threads)
     times = []
     for i in range(warmup + repeats):
         start = time.perf_counter()
@@ -227,9 +230,10 @@ def export_and_check(
     latency_batches: dict[int, dict[str, torch.Tensor]] | None = None,
     repeats: int = 10,
     atol: float = 1e-4,
+    threads: int | None = None,
 ) -> OnnxExport:
     """Export, check against PyTorch (``check_batches``: real tokenizer batches if you have them) and
-    time each of ``latency_batches`` (batch size -> batch)."""
+    time each of ``latency_batches`` (batch size -> batch) with ``threads`` intra-op threads."""
     sample = check_batches[0] if check_batches else None
     if sample is not None and int(sample["attention_mask"].min()) == 1:
         sample = None  # trace a padded batch: an unpadded one could bake away the mask
@@ -239,7 +243,7 @@ def export_and_check(
         worst = max(worst, check_onnx(out, model, None, atol=atol)[0])
     latency, length = {}, 0
     for size, batch in (latency_batches or {}).items():
-        latency[int(size)] = onnx_latency(out, batch, repeats=repeats)
+        latency[int(size)] = onnx_latency(out, batch, repeats=repeats, threads=threads)
         length = int(batch["input_ids"].shape[1])
     return OnnxExport(
         path=str(out),
@@ -250,4 +254,5 @@ def export_and_check(
         file_bytes=out.stat().st_size,
         latency_ms=latency,
         sequence_length=length,
+        threads=threads or torch.get_num_threads(),
     )

@@ -198,6 +198,11 @@ class CostSection:
 
     batch_sizes: list[int] = _field([1, 32], expect="a non-empty list of positive integers", check=lambda v: len(v) > 0)
     repeats: int = _field(10, expect="a positive integer (latency = median of this many runs)", check=_positive)
+    threads: int | None = _field(
+        None,
+        expect="a positive integer: CPU threads for timing PyTorch and ONNX Runtime alike (null: torch's default)",
+        check=_positive,
+    )
 
 
 @dataclass

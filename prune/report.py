@@ -19,6 +19,7 @@ import base64
 import html
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,17 +44,31 @@ class WrittenReport:
 # --------------------------------------------------------------------------------------------
 
 
-def _read(out: Path, name: str) -> Any:
+# which stage writes each file: with ``stages`` given, files of other stages (left over from an
+# earlier run of another recipe in the same directory) are ignored
+_OWNER = {
+    "finetune.json": "finetune",
+    "dense.json": "dense",
+    "sweep.json": "sweep",
+    "prune.json": "prune",
+    "repair.json": "prune",
+    "cost.json": "cost",
+    "export.json": "export",
+}
+
+
+def _read(out: Path, name: str, stages: Collection[str] | None = None) -> Any:
     path = out / name
-    if not path.is_file():
+    if not path.is_file() or (stages is not None and _OWNER.get(name) not in stages):
         return None
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _scores(out: Path) -> dict[str, HeadScores]:
+def _scores(out: Path, stages: Collection[str] | None = None) -> dict[str, HeadScores]:
     found = {}
     for path in sorted((out / "scores").glob("*.json")):
-        found[path.stem] = HeadScores.load(path)
+        if stages is None or f"score-{path.stem}" in stages:
+            found[path.stem] = HeadScores.load(path)
     return found
 
 
@@ -279,6 +294,7 @@ def _reload_blocks(
         return []
     model_dir = (out / prune.get("model_dir", "model")).resolve()
     data = (recipe or {}).get("data", {}).get("name", "tweets")
+    max_length = (recipe or {}).get("data", {}).get("max_length", 64)
     split = prune.get("split", "test")
     blocks: list[Block] = [
         ("h", 2, "Reload the pruned model"),
@@ -286,7 +302,7 @@ def _reload_blocks(
         (
             "code",
             "bash",
-            f"headprune evaluate --model {model_dir} --data {data} --split {split}\n"
+            f"headprune evaluate --model {model_dir} --data {data} --split {split} --max-length {max_length}\n"
             f"headprune export --model {model_dir} --format onnx --out model.onnx",
         ),
         (
@@ -297,7 +313,7 @@ def _reload_blocks(
         (
             "code",
             "python",
-            "from prune.surgery import load_pruned\n\n"
+            "from prune import load_pruned\n\n"
             f'model, tokenizer = load_pruned("{model_dir}")\n'
             'batch = tokenizer(["what a great day"], return_tensors="pt")\n'
             "probabilities = model(**batch).logits.softmax(-1)",
@@ -391,15 +407,19 @@ def build_blocks(
     title: str,
     recipe: dict[str, Any] | None = None,
     command: str | None = None,
-    timings: dict[str, float] | None = None,
+    timings: dict[str, Any] | None = None,
     environment: dict[str, Any] | None = None,
+    stages: Collection[str] | None = None,
 ) -> tuple[list[Block], dict[str, Any]]:
-    """The report as a list of blocks (rendered to Markdown and HTML) plus the summary numbers."""
+    """The report as a list of blocks (rendered to Markdown and HTML) plus the summary numbers.
+
+    ``stages``: the stages of this run (default: use every run file present in ``out``).
+    """
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    dense_eval, sweep, prune = _read(out, "dense.json"), _read(out, "sweep.json"), _read(out, "prune.json")
-    repair, cost, export = _read(out, "repair.json"), _read(out, "cost.json"), _read(out, "export.json")
-    scores = _scores(out)
+    dense_eval, sweep, prune = (_read(out, f, stages) for f in ("dense.json", "sweep.json", "prune.json"))
+    repair, cost, export = (_read(out, f, stages) for f in ("repair.json", "cost.json", "export.json"))
+    scores = _scores(out, stages)
     order = _order(scores, recipe)
     model = f"`{(recipe or {}).get('model', 'the model')}`"
     if (recipe or {}).get("finetune"):
@@ -408,7 +428,8 @@ def build_blocks(
 
     headers, rows, summary = _final_table(prune, dense_eval, cost, export)
     if rows:
-        blocks += [("h", 2, "Final model: dense vs pruned"), ("table", headers, rows)]
+        heading = "Final model: dense vs pruned" if prune else "Dense model"
+        blocks += [("h", 2, heading), ("table", headers, rows)]
         notes = []
         if cost:
             threads = cost["dense"].get("threads")
@@ -484,12 +505,26 @@ def build_blocks(
             ),
         ]
     blocks.append(("h", 2, "Run"))
+    finetune = _read(out, "finetune.json", stages)
+    if finetune:
+        test = ((finetune.get("metrics") or {}).get("test") or {}).get("accuracy")
+        text = f"Model: fine-tuned classifier at `{finetune['path']}`"
+        if finetune.get("train_seconds") is not None:
+            text += f", trained once in {finetune['train_seconds']:.0f} s (cached; a cold-cache run adds this time)"
+        if test is not None:
+            text += f"; its own evaluation: test accuracy {test:.4f}"
+        blocks.append(("p", text + "."))
     if command:
         blocks += [("p", "Command:"), ("code", "bash", command)]
     if timings:
-        total = sum(timings.values())
-        rows = [[name, f"{seconds:.1f} s"] for name, seconds in timings.items()] + [["total", f"{total:.1f} s"]]
-        blocks += [("p", "Time per stage (when it last ran):"), ("table", ["stage", "time"], rows)]
+        pairs = {k: (v if isinstance(v, (tuple, list)) else (v, None)) for k, v in timings.items()}
+        rows = [[k, f"{w:.1f} s", f"{c:.1f} s" if c is not None else "–"] for k, (w, c) in pairs.items()]
+        total_cpu = sum(c or 0.0 for _, c in pairs.values())
+        rows.append(["total", f"{sum(w for w, _ in pairs.values()):.1f} s", f"{total_cpu:.1f} s"])
+        blocks += [
+            ("p", "Time per stage when it last ran (wall clock, and CPU time of the process over all threads):"),
+            ("table", ["stage", "wall", "CPU"], rows),
+        ]
     if environment:
         blocks.append(("p", "Machine: " + ", ".join(f"{k} {v}" for k, v in environment.items()) + "."))
     if recipe:
@@ -584,27 +619,32 @@ def write_report(
     title: str = "headprune report",
     recipe: dict[str, Any] | None = None,
     command: str | None = None,
-    timings: dict[str, float] | None = None,
+    timings: dict[str, Any] | None = None,
     environment: dict[str, Any] | None = None,
+    stages: Collection[str] | None = None,
 ) -> WrittenReport:
-    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir`` from its run files."""
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir`` from its run files
+    (only those of ``stages`` when given)."""
     out = Path(out_dir)
     if recipe is None and (out / "recipe.yaml").is_file():
         recipe = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
     blocks, summary = build_blocks(
-        out, title=title, recipe=recipe, command=command, timings=timings, environment=environment
+        out, title=title, recipe=recipe, command=command, timings=timings, environment=environment, stages=stages
     )
-    atomic_write_text(out / "report.md", render_markdown(blocks, out))
-    atomic_write_text(out / "report.html", render_html(blocks, title))
+    for name, text in (("report.md", render_markdown(blocks, out)), ("report.html", render_html(blocks, title))):
+        atomic_write_text(out / name, text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out / name, 0o666 & ~umask)  # the atomic writer's temp file is private (0600)
     images = [Path(b[1]) for b in blocks if b[0] == "img"]
     return WrittenReport([out / "report.md", out / "report.html", *images], summary)
 
 
-def final_table_text(out_dir: str | os.PathLike[str]) -> str:
+def final_table_text(out_dir: str | os.PathLike[str], stages: Collection[str] | None = None) -> str:
     """The final-model table as plain text (what ``headprune run`` prints at the end)."""
     out = Path(out_dir)
     headers, rows, _ = _final_table(
-        _read(out, "prune.json"), _read(out, "dense.json"), _read(out, "cost.json"), _read(out, "export.json")
+        *(_read(out, f, stages) for f in ("prune.json", "dense.json", "cost.json", "export.json"))
     )
     if not rows:
         return ""

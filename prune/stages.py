@@ -122,9 +122,11 @@ class StageRecord:
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     finished: str = ""
+    cpu_seconds: float = 0.0  # CPU time of the (main) process, all threads: compare runs on busy machines
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps({"format": MARKER_FORMAT, **dataclasses.asdict(self)}, indent=1))
+        readable(path)
 
     @classmethod
     def load(cls, path: Path) -> StageRecord | None:
@@ -182,8 +184,16 @@ def save_tensor_file(obj: Any, path: Path) -> None:
         raise
 
 
+def readable(path: Path) -> None:
+    """Give ``path`` the usual permissions (the atomic writers create private 0600 temp files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_json(obj: Any, path: Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+    readable(path)
 
 
 def _json_default(value: Any) -> Any:
@@ -432,17 +442,17 @@ class Pipeline:
         else:
             reason = "forced" if self.force and self.marker(name).exists() else "not run before"
         self.log(f"[{name}] running ({reason})")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         outputs: dict[str, Any] = {}
         files: list[str] = []
         if self.procs.main or not main_only:
             with self.procs.all_cores(main_only):
                 outputs, files = body(fp)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         self.procs.barrier()
         if self.procs.main:
             record = StageRecord(
-                name, fp, inputs, outputs, files, round(seconds, 3), time.strftime("%Y-%m-%dT%H:%M:%S")
+                name, fp, inputs, outputs, files, round(seconds, 3), time.strftime("%Y-%m-%dT%H:%M:%S"), round(cpu, 3)
             )
             record.save(self.marker(name))
         self.procs.barrier()
@@ -452,7 +462,7 @@ class Pipeline:
                 raise HeadpruneError(f"stage {name}: the main process wrote no marker")
         self.records[name] = record
         self.outcomes.append(StageOutcome(name, "ran", seconds))
-        self.log(f"[{name}] done in {seconds:.1f} s")
+        self.log(f"[{name}] done in {seconds:.1f} s (CPU {cpu:.1f} s)")
         return record
 
     # ---- run -------------------------------------------------------------------------------------
@@ -470,8 +480,10 @@ class Pipeline:
         if self.procs.main:
             (self.out / "stages").mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "recipe.yaml", recipe.to_yaml())
+            readable(self.out / "recipe.yaml")
             if self.command:
                 atomic_write_text(self.out / "command.txt", self.command + "\n")
+                readable(self.out / "command.txt")
         self.procs.barrier()
         self.log(f"headprune run: {recipe.title} -> {self.out}  ({self.procs.world} process(es))")
 
@@ -515,8 +527,18 @@ class Pipeline:
         }
 
         def body(fp: str) -> tuple[dict[str, Any], list[str]]:
-            path = self._finetune() if self.procs.main else None
-            return {"path": str(path)}, []
+            from attribution.models import FINETUNE_META
+
+            path = self._finetune()
+            meta = load_json(path / FINETUNE_META) if (path / FINETUNE_META).is_file() else {}
+            outputs = {
+                "path": str(path),
+                "train_seconds": meta.get("seconds"),
+                "metrics": meta.get("metrics"),
+                "config": meta.get("config"),
+            }
+            save_json(outputs, self.out / "finetune.json")
+            return outputs, ["finetune.json"]
 
         record = self.stage(
             "finetune", inputs, body, main_only=True, valid=lambda r: Path(r.outputs.get("path", "")).is_dir()
@@ -931,13 +953,17 @@ class Pipeline:
         pruned, _ = load_pruned(self.out / "model", tokenizer=False)
         mean = mean_token_length(self.rows("evaluate"), tokenizer, self.spec.max_length)
         repeats = self.recipe.cost.repeats
-        latency = measure_latency(
-            {"dense": dense, "pruned": pruned}, self.timing_batches, repeats=repeats, progress=self.progress
-        )
+        with _threads(self.recipe.cost.threads):
+            latency = measure_latency(
+                {"dense": dense, "pruned": pruned}, self.timing_batches, repeats=repeats, progress=self.progress
+            )
+            threads = torch.get_num_threads()
         reports = {
             name: cost_report(model, mean, name=name, latency_ms=latency[name], repeats=repeats)
             for name, model in (("dense", dense), ("pruned", pruned))
         }
+        for report in reports.values():
+            report.threads = threads
         result = {
             "dense": reports["dense"].to_dict(),
             "pruned": reports["pruned"].to_dict(),
@@ -970,6 +996,7 @@ class Pipeline:
         check = list(self.batches(data.select(range(min(section.check_examples, len(data)))), 16, keep_labels=False))
         latency = self.timing_batches
         repeats = self.recipe.cost.repeats if self.recipe.cost else 10
+        threads = self.recipe.cost.threads if self.recipe.cost else None
         result: dict[str, Any] = {}
         files = []
         targets = []
@@ -988,6 +1015,7 @@ class Pipeline:
                 latency_batches=latency,
                 repeats=repeats,
                 atol=section.atol,
+                threads=threads,
             )
             info = exported.to_dict()
             info["path"] = str(path.relative_to(self.out))
@@ -1016,8 +1044,9 @@ class Pipeline:
             title=self.recipe.title,
             recipe=self.recipe.to_dict(),
             command=self.command,
-            timings={name: record.seconds for name, record in self.records.items()},
+            timings={name: (record.seconds, record.cpu_seconds) for name, record in self.records.items()},
             environment=_environment(self.procs.world),
+            stages=[*self.records, "report"],
         )
         files = [str(Path(p).relative_to(self.out)) for p in written.files]
         return {"summary": written.summary}, files
@@ -1026,6 +1055,18 @@ class Pipeline:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block (unchanged for None)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _shape(model: Any) -> tuple[int, int]:

@@ -129,6 +129,18 @@ def test_changed_section_reruns_only_downstream_stages(full_run, tmp_path):
     assert json.loads((copy / "sweep.json").read_text())["fractions"] == [0.5]
 
 
+def test_report_ignores_files_left_by_another_recipe(full_run, tmp_path):
+    recipe, out, _, _ = full_run
+    reused = tmp_path / "out"
+    shutil.copytree(out, reused)
+    overrides = ["score.criteria=[taylor]", "sweep=null", "prune=null", "repair=null", "export=null"]
+    result = run_recipe(load_recipe(recipe, overrides), reused, progress=False, log=lambda line: None)
+    assert result.ran == ["report"]  # dense and taylor's scores are still valid
+    md = (reused / "report.md").read_text()
+    assert "taylor" in md and "attattr" not in md and "Pruning curves" not in md and "Dense model" in md
+    assert (reused / "sweep.json").exists()  # left alone, just not reported
+
+
 def test_interrupted_attribution_resumes_from_the_last_shard(tmp_path):
     recipe_path = tiny_recipe(tmp_path, **SCORE_ONLY)
     overrides = [

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     command = shlex.join(["headprune", "run", args.recipe, "--out", str(out)] + [f"--set={o}" for o in args.overrides])
     result = run_recipe(recipe, out, progress=not args.quiet, force=args.force, command=command)
     if result.main:
-        table = final_table_text(out)
+        table = final_table_text(out, [s.name for s in result.stages])
         if table:
             print()
             print(table)
