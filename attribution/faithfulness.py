@@ -330,6 +330,7 @@ def faithfulness(
         pad_id = getattr(model.config, "pad_token_id", None)
         pad_id = 0 if pad_id is None else int(pad_id)
     keep = {int(i) for i in keep_ids}
+    versions = _versions()  # before the long loop: nothing after it should be able to fail
     predictor = BatchedPredictor(model, pad_id, forward_batch_size)
     sums = {name: _Accumulator(len(fractions)) for name in explainers}
     count, correct_full, p_full_sum, reference = 0, 0, 0.0, None
@@ -446,7 +447,7 @@ def faithfulness(
         "forward_calls": predictor.calls,
         "keep_ids": sorted(keep),
         "seconds": round(time.perf_counter() - started, 2),
-        **_versions(),
+        **versions,
     }
     return FaithfulnessResult(
         fractions=fractions,
@@ -462,6 +463,10 @@ def faithfulness(
 def _versions() -> dict[str, str]:
     import transformers
 
-    from attribution import __version__
+    try:
+        from attribution import __version__ as version
+    except ImportError:  # the package being re-installed under a long run: fall back to its metadata
+        from importlib.metadata import version as installed
 
-    return {"headprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+        version = installed("headprune")
+    return {"headprune": version, "torch": torch.__version__, "transformers": transformers.__version__}
