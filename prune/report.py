@@ -98,7 +98,7 @@ def plot_heatmaps(
     plt = _plt()
     names = list(scores)
     layers, heads = next(iter(scores.values())).shape
-    cols = min(len(names), 5)
+    cols = min(len(names), 5 if heads <= 8 else 3)  # wide layers get bigger panels
     rows = (len(names) + cols - 1) // cols
     width = max(2.6, 0.32 * heads + 1.4)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, (0.32 * layers + 1.3) * rows), squeeze=False)
@@ -110,7 +110,7 @@ def plot_heatmaps(
         ax.set_xticks(range(0, heads, max(1, heads // 6)))
         for layer, layer_heads in (removed or {}).items():
             for head in layer_heads:
-                ax.plot(head, layer, marker="x", color="white", markersize=4, markeredgewidth=1.0)
+                ax.plot(head, layer, marker="x", color="red", markersize=5, markeredgewidth=1.2)
     fig.suptitle("Head importance by criterion (x = removed in the final model)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -321,8 +321,7 @@ def _reload_blocks(
     ]
     if export and "pruned" in export:
         onnx_path = (out / export["pruned"]["path"]).resolve()
-        names = export["pruned"].get("inputs", ["input_ids", "attention_mask"])
-        feed = ", ".join(f'"{n}": batch["{n}"]' for n in names)
+        names = ", ".join(f'"{n}"' for n in export["pruned"].get("inputs", ["input_ids", "attention_mask"]))
         blocks += [
             ("p", "ONNX Runtime (dynamic batch and sequence axes):"),
             (
@@ -332,24 +331,32 @@ def _reload_blocks(
                 f'session = ort.InferenceSession("{onnx_path}")\n'
                 f'tokenizer = AutoTokenizer.from_pretrained("{model_dir}")\n'
                 'batch = tokenizer(["what a great day"], return_tensors="np")\n'
-                f'logits = session.run(["logits"], {{{feed}}})[0]',
+                f'logits = session.run(["logits"], {{name: batch[name] for name in ({names})}})[0]',
             ),
         ]
     return blocks
 
 
 def _verdict(
-    prune: dict[str, Any] | None, cost: dict[str, Any] | None, sweep: dict[str, Any] | None, model: str
+    prune: dict[str, Any] | None,
+    cost: dict[str, Any] | None,
+    export: dict[str, Any] | None,
+    model: str,
 ) -> str:
     if not prune:
         return f"Head importance of {model} by several criteria (no final pruning requested)."
     metrics = prune["metrics"]
     final = metrics.get("repaired", metrics["pruned"])
     name = next(iter(metrics["dense"]))
+    how = f"ranked by **{prune['criterion']}**"
+    if prune.get("chosen_by") == "best":
+        others = [c for c in prune.get("candidates", []) if c != prune["criterion"]]
+        if others:
+            how += f" (the criterion that allowed the most pruning; also tried: {', '.join(others)})"
     text = (
         f"Removed **{prune['heads_removed']} of {prune['total_heads']} attention heads "
-        f"({prune['fraction']:.0%})** from {model}, ranked by **{prune['criterion']}** "
-        f"({prune['reason']}). {name.capitalize()} on {prune['split']} ({prune['examples']} rows): "
+        f"({prune['fraction']:.0%})** from {model}, {how}: {prune['reason']}. "
+        f"{name.capitalize()} on {prune['split']} ({prune['examples']} rows): "
         f"{metrics['dense'][name]:.4f} dense → {metrics['pruned'][name]:.4f} pruned"
     )
     if "repaired" in metrics:
@@ -361,7 +368,14 @@ def _verdict(
         parts = [f"attention FLOPs −{1 - cost['pruned']['attention_flops'] / cost['dense']['attention_flops']:.0%}"]
         if ratios.get("predicted_speedup"):
             parts.append(f"predicted speed-up {ratios['predicted_speedup']:.2f}×")
-        parts += [f"measured {v:.2f}× at batch {k}" for k, v in speed.items()]
+        if speed:
+            measured = " and ".join(f"{v:.2f}× at batch {k}" for k, v in speed.items())
+            parts.append(f"measured in PyTorch {measured}")
+        if export and "dense" in export and "pruned" in export:
+            dense_ms, pruned_ms = export["dense"]["latency_ms"], export["pruned"]["latency_ms"]
+            onnx = [f"{dense_ms[k] / pruned_ms[k]:.2f}×" for k in pruned_ms if k in dense_ms and pruned_ms[k]]
+            if onnx:
+                parts.append(f"in ONNX Runtime {' and '.join(onnx)}")
         text += " Cost: " + ", ".join(parts) + "."
     return text
 
@@ -391,13 +405,27 @@ def _spearman_table(scores: dict[str, HeadScores], order: list[str]) -> tuple[li
     return headers, rows
 
 
-def _curve_table(sweep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _curve_table(sweep: dict[str, Any], max_drop: float | None) -> tuple[list[str], list[list[str]]]:
+    """Metric per criterion and fraction, plus two summaries: the mean over the swept fractions
+    (area under the curve, higher = better ranking) and the largest fraction within ``max_drop``."""
     fractions = sweep["fractions"]
-    headers = ["criterion"] + [f"{f:.0%}" for f in fractions]
-    rows = [["dense", *[f"{sweep['dense']:.3f}"] * len(fractions)]]
+    tolerance = 0.01 if max_drop is None else max_drop
+    headers = ["criterion"] + [f"{f:.0%}" for f in fractions] + ["mean", f"max within {tolerance:g}"]
+    rows = [["dense", *[f"{sweep['dense']:.3f}"] * len(fractions), f"{sweep['dense']:.3f}", ""]]
     for name, points in sweep["curves"].items():
         by_fraction = {p["fraction"]: p["metric"] for p in points}
-        rows.append([name] + [f"{by_fraction[f]:.3f}" if by_fraction.get(f) is not None else "–" for f in fractions])
+        values = [by_fraction.get(f) for f in fractions]
+        known = [v for v in values if v is not None]
+        ok = [
+            f
+            for f, v in zip(fractions, values, strict=True)
+            if v is not None and v >= sweep["dense"] - tolerance - 1e-12
+        ]
+        rows.append(
+            [name]
+            + [f"{v:.3f}" if v is not None else "–" for v in values]
+            + [f"{sum(known) / len(known):.3f}" if known else "–", f"{max(ok):.0%}" if ok else "none"]
+        )
     return headers, rows
 
 
@@ -424,7 +452,7 @@ def build_blocks(
     model = f"`{(recipe or {}).get('model', 'the model')}`"
     if (recipe or {}).get("finetune"):
         model = f"{model} fine-tuned on {recipe.get('data', {}).get('name', 'the data')}"
-    blocks: list[Block] = [("h", 1, title), ("p", _verdict(prune, cost, sweep, model))]
+    blocks: list[Block] = [("h", 1, title), ("p", _verdict(prune, cost, export, model))]
 
     headers, rows, summary = _final_table(prune, dense_eval, cost, export)
     if rows:
@@ -438,9 +466,11 @@ def build_blocks(
                 "dense and pruned interleaved; ONNX Runtime timed on the same batches."
             )
         if prune and prune.get("reload_max_abs_diff") is not None:
+            diff = prune["reload_max_abs_diff"]
             notes.append(
-                f"The saved checkpoint reloads to logits within {prune['reload_max_abs_diff']:.1e} "
-                "of the in-memory pruned model."
+                "The saved checkpoint reloads to "
+                + ("exactly the logits" if diff == 0 else f"logits within {diff:.1e}")
+                + " of the in-memory pruned model."
             )
         if notes:
             blocks.append(("p", " ".join(notes)))
@@ -478,7 +508,7 @@ def build_blocks(
                 "after removing the lowest-ranked fraction of all heads, for each criterion; no repair.",
             ),
             ("img", path, "pruning curves"),
-            ("table", *_curve_table(sweep)),
+            ("table", *_curve_table(sweep, max_drop)),
         ]
     if repair:
         blocks += [

@@ -820,8 +820,8 @@ class Pipeline:
             top = max(ok, key=lambda p: p["fraction"])
             return top["fraction"], top["metric"]
 
+        candidates = [c for c in recipe.score.criteria if c != "random"] or list(recipe.score.criteria)
         if criterion == "best":
-            candidates = [c for c in recipe.score.criteria if c != "random"] or list(recipe.score.criteria)
             ranked = sorted(
                 candidates,
                 key=lambda c: (-best_fraction(c)[0], -(best_fraction(c)[1] or 0.0), candidates.index(c)),
@@ -829,6 +829,8 @@ class Pipeline:
             criterion = ranked[0]
         scores = self.scores(criterion)
         decision: dict[str, Any] = {"criterion": criterion, "chosen_by": recipe.prune.criterion}
+        if recipe.prune.criterion == "best":
+            decision["candidates"] = candidates
         if target.fraction is not None:
             decision["reason"] = f"fixed fraction {target.fraction}"
             heads = select_heads(scores, sparsity=target.fraction, min_per_layer=minimum)
@@ -845,8 +847,8 @@ class Pipeline:
                 heads = {}
             else:
                 decision["reason"] = (
-                    f"largest swept fraction with {sweep['metric']} >= dense - {target.max_drop} "
-                    f"({metric:.4f} vs {sweep['dense']:.4f} on the sweep rows)"
+                    f"the largest swept fraction whose {sweep['split']} {sweep['metric']} stays within "
+                    f"{target.max_drop:g} of the dense model's: {metric:.4f} vs {sweep['dense']:.4f}"
                 )
                 heads = select_heads(scores, sparsity=fraction, min_per_layer=minimum)
         decision["removed"] = {str(k): v for k, v in heads.items()}
