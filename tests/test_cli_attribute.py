@@ -113,3 +113,41 @@ def test_bad_input_is_one_line_error_with_exit_2(world, tmp_path, extra, message
     assert code == 2
     assert err.startswith("headprune: error:") and message in err and "\n" not in err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_attribute_scores_a_pruned_checkpoint(world, tmp_path):
+    """Removed heads score exactly 0 and the rest match the masked model's scores."""
+    from attribution.models import load_classifier
+    from prune import mask_heads, remove_heads, save_pruned
+
+    model_dir, data = world
+    model, tokenizer = load_classifier(model_dir)
+    heads = {0: [1, 3], 1: [0]}
+    remove_heads(model, heads)
+    save_pruned(model, tmp_path / "pruned", tokenizer=tokenizer)
+    args = [
+        "attribute",
+        "--data",
+        str(data),
+        "--method",
+        "taylor",
+        "--no-normalize",
+        "--examples",
+        "6",
+        "--split",
+        "train",
+        "--quiet",
+    ]
+    assert main([*args, "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "pruned.json")]) == 0
+    pruned = HeadScores.load(tmp_path / "pruned.json").values
+    assert pruned[0, [1, 3]].abs().sum() == 0 and pruned[1, 0] == 0
+    dense, _ = load_classifier(model_dir)
+    with mask_heads(dense, heads):
+        from attribution import head_importance
+        from attribution.data import iter_batches, load_splits
+
+        split = load_splits(str(data))["train"].select(range(6))
+        batch = next(iter_batches(split, tokenizer, batch_size=6))
+        batch.pop("index")
+        masked = head_importance(dense, [batch], "taylor", normalize=False, progress=False).values
+    torch.testing.assert_close(pruned, masked, atol=1e-6, rtol=1e-4)

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default="default",
         help="'default' (the embedded MiniLM tweets classifier, fine-tuned if not cached), "
-        "a local directory or a hub id (default: %(default)s)",
+        "a model directory (pruned ones too) or a hub id (default: %(default)s)",
     )
     parser.add_argument(
         "--data",
@@ -74,15 +74,14 @@ def run(args: argparse.Namespace) -> int:
     from attribution import head_importance
     from attribution.data import DataSpec, iter_batches, load_splits
     from attribution.errors import HeadpruneError
-    from attribution.models import load_classifier
-    from prune.finetune import resolve_model
+    from prune.evaluate import load_model
 
     if args.examples < 1:
         raise HeadpruneError(f"--examples must be at least 1, got {args.examples}")
     if args.batch_size < 1:
         raise HeadpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
     started = time.perf_counter()
-    model, tokenizer = load_classifier(resolve_model(args.model, progress=not args.quiet))
+    model, tokenizer = load_model(args.model)  # dense or pruned directory, hub id, or "default"
     spec = DataSpec(
         name=args.data,
         text_column=args.text_column,
