@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -227,7 +228,13 @@ class _Processes:
         from accelerate import PartialState
 
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.state = PartialState(cpu=not torch.cuda.is_available()) if distributed else None
+        # the other processes wait at a barrier while the main one fine-tunes (minutes on a CPU,
+        # hours for BERT-base on MNLI): a generous timeout instead of the default 30 minutes
+        self.state = (
+            PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(hours=12))
+            if distributed
+            else None
+        )
         self.rank = int(self.state.process_index) if self.state else 0
         self.world = int(self.state.num_processes) if self.state else 1
         if self.world > 1 and "OMP_NUM_THREADS" not in os.environ:
