@@ -72,6 +72,43 @@ def validate_inputs(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> 
     return batch
 
 
+def _content_lengths(mask: torch.Tensor) -> list[int]:
+    """Per example, how many leading positions hold tokens; the full width unless right-padded."""
+    seq = mask.shape[1]
+    lengths = mask.sum(dim=1)
+    right_padded = bool((mask.bool() == (torch.arange(seq, device=mask.device)[None] < lengths[:, None])).all())
+    return [int(n) for n in lengths] if right_padded else [seq] * mask.shape[0]
+
+
+def _row_chunks(
+    lengths: list[int], steps: int, max_rows: int | None, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Split the (example, step) rows into forward calls: ``(examples [R], steps [R], length)``.
+
+    Rows go shortest example first, so each call is cut to its longest row and little padding is
+    computed; a call holds ``max_rows`` rows, or by default about ``TOKENS_PER_CALL`` tokens (a
+    forward call has milliseconds of fixed overhead, so few large calls beat many small ones).
+    """
+    order = sorted(range(len(lengths)), key=lambda b: lengths[b])
+    rows = [(b, k) for b in order for k in range(steps)]
+    start = 0
+    while start < len(rows):
+        end = start + 1
+        while end < len(rows):
+            length = lengths[rows[end][0]]  # rows are sorted by length: the last one is the longest
+            fits = (end + 1 - start) <= max_rows if max_rows else (end + 1 - start) * length <= TOKENS_PER_CALL
+            if not fits:
+                break
+            end += 1
+        part = rows[start:end]
+        yield (
+            torch.tensor([b for b, _ in part], device=device),
+            torch.tensor([k for _, k in part], device=device),
+            max(lengths[b] for b, _ in part),
+        )
+        start = end
+
+
 @contextlib.contextmanager
 def _inference_setup(model: PreTrainedModel) -> Iterator[None]:
     """Eval mode (attention dropout off, as the authors ran it) and no parameter gradients."""
@@ -191,8 +228,7 @@ class AttAttr:
             target_ids = resolve_target(target, logits)
             f_full = target_output(logits, target_ids, self.output)
 
-            # Few large calls beat many small ones (a forward call has ms of fixed overhead).
-            chunk = internal_batch_size or max(len(alphas), TOKENS_PER_CALL // seq)
+            lengths = _content_lengths(mask)
             for layer in layers:
                 heads = kept[layer]
                 result = torch.zeros(bsz, total_heads, seq, seq, dtype=torch.float32, device=mask.device)
@@ -204,38 +240,19 @@ class AttAttr:
                 values = instrument.head_values(model, layer, hidden_in[layer]).float()  # [B, H_l, T, d_h]
                 # Scaling the attention by alpha scales the heads' outputs A @ V by alpha.
                 context = attention @ values
-                f_base = torch.cat(
-                    [
-                        self._run_from(
-                            layer,
-                            batch,
-                            hidden_in[layer],
-                            target_ids,
-                            rows,
-                            torch.zeros_like(context[rows]),
-                            with_grad=False,
-                        )[0]
-                        for rows in torch.arange(bsz, device=mask.device).split(chunk)
-                    ]
-                )
+                f_base = torch.zeros_like(f_full)
+                for ex, _, length in _row_chunks(lengths, 1, internal_batch_size, mask.device):
+                    f_base[ex] = self._run_from(
+                        layer, batch, hidden_in[layer], target_ids, ex, length, torch.zeros_like(context[ex]), False
+                    )[0]
                 context_grad = torch.zeros_like(context, dtype=torch.float32)  # accumulated in fp32
                 steps = torch.tensor(alphas, device=mask.device, dtype=torch.float32)
                 step_weights = torch.tensor(weights, device=mask.device, dtype=torch.float32)
-                pairs = torch.cartesian_prod(
-                    torch.arange(bsz, device=mask.device), torch.arange(len(alphas), device=mask.device)
-                )
-                for part in pairs.split(chunk):
-                    ex, k = part[:, 0], part[:, 1]
-                    _, grad = self._run_from(
-                        layer,
-                        batch,
-                        hidden_in[layer],
-                        target_ids,
-                        ex,
-                        steps[k][:, None, None, None] * context[ex],
-                        with_grad=True,
-                    )
-                    context_grad.index_add_(0, ex, grad.float() * step_weights[k][:, None, None, None])
+                for ex, k, length in _row_chunks(lengths, len(alphas), internal_batch_size, mask.device):
+                    scaled = steps[k][:, None, None, None] * context[ex]
+                    _, grad = self._run_from(layer, batch, hidden_in[layer], target_ids, ex, length, scaled, True)
+                    weighted = grad.float() * step_weights[k][:, None, None, None]
+                    context_grad[:, :, :length].index_add_(0, ex, weighted)
                 # dF/dA = dF/d(A @ V) @ V^T, so the weighted sum over steps needs one product at the end.
                 attribution = attention * (context_grad @ values.float().transpose(-1, -2)).float() * pair_mask[:, None]
                 result[:, heads] = attribution
@@ -249,21 +266,23 @@ class AttAttr:
         hidden: torch.Tensor,
         target: torch.Tensor,
         rows: torch.Tensor,
+        length: int,
         context: torch.Tensor,
         with_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """F for ``rows`` (example indices) with layer ``layer``'s head outputs set to ``context``
-        ``[R, H_l, T, d_h]``, running only layers ``layer..L-1`` (the last one for the first token
-        only); and dF/d(context) when ``with_grad``."""
+        """F for ``rows`` (example indices, each repeated once per step) with layer ``layer``'s head
+        outputs set to ``context`` ``[R, H_l, T, d_h]``, running only layers ``layer..L-1`` (the
+        last one for the first token only) on the first ``length`` positions (the rows' padding
+        beyond them is cut); and dF/d(context) ``[R, H_l, length, d_h]`` when ``with_grad``."""
         model = self.model
-        context = context.detach().requires_grad_(with_grad)
+        context = context[:, :, :length].detach().requires_grad_(with_grad)
         with (
             torch.set_grad_enabled(with_grad),
-            instrument.start_at_layer(model, layer, hidden[rows]),
+            instrument.start_at_layer(model, layer, hidden[rows, :length]),
             instrument.inject_context(model, layer, context),
             instrument.first_token_last_layer(model),
         ):
-            logits = model(**{key: value[rows] for key, value in batch.items()}).logits.float()
+            logits = model(**{key: value[rows, :length] for key, value in batch.items()}).logits.float()
             values = target_output(logits, target[rows], self.output)
             if not with_grad:
                 return values, None

@@ -38,8 +38,9 @@ SETTINGS = [  # (label, method, n_steps)
     ("fast gausslegendre 3", "gausslegendre", 3),
     ("fast gausslegendre 4", "gausslegendre", 4),
     ("fast gausslegendre 6", "gausslegendre", 6),
+    ("fast gausslegendre 2", "gausslegendre", 2),
 ]
-RECOMMENDED = ("gausslegendre", 4)
+RECOMMENDED = ("gausslegendre", 3)
 
 
 def peak_memory_mb(args: argparse.Namespace, method: str, steps: int) -> float:
