@@ -19,7 +19,7 @@ scaled attention only, never the parameters.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,7 +60,7 @@ def resolve_target(target: int | torch.Tensor | list[int] | None, logits: torch.
 
 def validate_inputs(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Check a tokenizer batch and move it to the model's device; drops non-model keys (labels...)."""
-    if not isinstance(inputs, dict) or "input_ids" not in inputs:
+    if not isinstance(inputs, Mapping) or "input_ids" not in inputs:  # dict or BatchEncoding
         raise HeadpruneError("inputs must be a tokenizer batch (a dict with at least 'input_ids')")
     ids = inputs["input_ids"]
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:

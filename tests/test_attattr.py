@@ -180,3 +180,11 @@ def test_bfloat16_autocast_is_close_and_its_cost_shows_in_the_delta(bert, batch)
     assert low.dtype == torch.float32
     assert (low - exact).abs().max() <= 0.1 * exact.abs().max()
     assert low_delta.abs().max() > 10 * exact_delta.abs().max()  # what bf16 cost is visible
+
+
+def test_accepts_a_tokenizer_batch_encoding(bert, batch):
+    from transformers import BatchEncoding
+
+    torch.testing.assert_close(
+        AttAttr(bert).attribute(BatchEncoding(batch), n_steps=3), AttAttr(bert).attribute(batch, n_steps=3)
+    )
