@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from attribution.quadrature import METHODS as INTEGRATION_METHODS
+from prune.commands._data import add_data_arguments, data_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,20 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'default' (the embedded MiniLM tweets classifier, fine-tuned if not cached), "
         "a model directory (pruned ones too) or a hub id (default: %(default)s)",
     )
-    parser.add_argument(
-        "--data",
-        default="tweets",
-        help="'tweets' (embedded), a hub name[:config] or a .csv/.json/.jsonl file (default: %(default)s)",
-    )
+    add_data_arguments(parser)
     parser.add_argument(
         "--split",
         default="validation",
         choices=["train", "validation", "test"],
         help="held-out examples to score on (default: %(default)s)",
     )
-    parser.add_argument("--text-column", default=None)
-    parser.add_argument("--text-pair-column", default=None)
-    parser.add_argument("--label-column", default=None)
     parser.add_argument(
         "--method",
         default="attattr",
@@ -72,7 +66,7 @@ def criterion_options(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from attribution import head_importance
-    from attribution.data import DataSpec, iter_batches, load_splits
+    from attribution.data import iter_batches, load_splits
     from attribution.errors import HeadpruneError
     from prune.evaluate import load_model
 
@@ -82,14 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise HeadpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)  # dense or pruned directory, hub id, or "default"
-    spec = DataSpec(
-        name=args.data,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        label_column=args.label_column,
-        max_length=args.max_length,
-    )
-    split = load_splits(spec)[args.split]
+    split = load_splits(data_spec(args))[args.split]
     split = split.select(range(min(args.examples, len(split))))
     # Length-sorted batches cut padding; the scores are sums over examples, so order does not matter.
     batches = (

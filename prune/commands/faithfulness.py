@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from prune.commands._data import add_data_arguments, data_spec
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -13,17 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'default' (the embedded MiniLM tweets classifier, fine-tuned if not cached), "
         "a local directory or a hub id (default: %(default)s)",
     )
-    parser.add_argument(
-        "--data",
-        default="tweets",
-        help="'tweets' (embedded), a hub name[:config] or a .csv/.json/.jsonl file (default: %(default)s)",
-    )
+    add_data_arguments(parser)
     parser.add_argument(
         "--split", default="test", choices=["train", "validation", "test"], help="(default: %(default)s)"
     )
-    parser.add_argument("--text-column", default=None)
-    parser.add_argument("--text-pair-column", default=None)
-    parser.add_argument("--label-column", default=None)
     parser.add_argument(
         "--examples", type=int, default=500, help="first N examples of the split (default: %(default)s)"
     )
@@ -53,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attribution.data import DataSpec, iter_batches, load_splits
+    from attribution.data import iter_batches, load_splits
     from attribution.errors import HeadpruneError
     from attribution.faithfulness import DEFAULT_FRACTIONS, faithfulness
     from attribution.models import load_classifier
@@ -71,14 +66,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise HeadpruneError(f"--fractions must be comma-separated numbers, got {args.fractions!r}") from None
     model, tokenizer = load_classifier(resolve_model(args.model, progress=not args.quiet))
-    spec = DataSpec(
-        name=args.data,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        label_column=args.label_column,
-        max_length=args.max_length,
-    )
-    split = load_splits(spec)[args.split]
+    split = load_splits(data_spec(args))[args.split]
     split = split.select(range(min(args.examples, len(split))))
     batches = iter_batches(
         split, tokenizer, batch_size=args.batch_size, max_length=args.max_length, sort_by_length=True

@@ -7,18 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from attribution.errors import HeadpruneError
+from prune.commands._data import add_data_arguments, data_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (MiniLM fine-tuned on tweets), 'minilm', a directory or a hub id "
                              "(default: %(default)s)")
-    parser.add_argument("--data", default="tweets",
-                        help="'tweets' (embedded), a hub name[:config] or a .csv/.json/.jsonl file "
-                             "(default: %(default)s)")
-    parser.add_argument("--text-column", default=None, help="text column of --data (guessed if omitted)")
-    parser.add_argument("--text-pair-column", default=None, help="second text column for sentence-pair tasks")
-    parser.add_argument("--label-column", default=None, help="label column of --data (guessed if omitted)")
+    add_data_arguments(parser)
     parser.add_argument("--split", default="train", choices=("train", "validation", "test"),
                         help="split to mine from (the paper: train) (default: %(default)s)")
     parser.add_argument("--examples", type=int, default=500,
@@ -101,7 +97,7 @@ def triggers_stage(
 
 
 def run(args: argparse.Namespace) -> int:
-    from attribution.data import DataSpec, load_splits
+    from attribution.data import load_splits
     from attribution.models import load_classifier
     from prune.finetune import resolve_model
 
@@ -112,14 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise HeadpruneError(f"--attack-examples must be at least 1, got {args.attack_examples}")
     if not args.out.lower().endswith(".json"):
         raise HeadpruneError(f"--out must be a .json file, got {args.out}")
-    spec = DataSpec(
-        name=args.data,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        label_column=args.label_column,
-        max_length=args.max_length,
-    )
-    splits = load_splits(spec)
+    splits = load_splits(data_spec(args))
     model, tokenizer = load_classifier(resolve_model(args.model, progress=not args.quiet))
     report = triggers_stage(
         model,
