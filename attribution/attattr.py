@@ -9,11 +9,15 @@ hidden states. The baseline is the all-zero attention. Completeness holds per la
 ``sum(Attr(A_l)) == F(A_l) - F(0 * A_l)`` up to the quadrature error, returned as the
 convergence delta.
 
-How it is computed (exact, not an approximation of the definition): the hidden states entering
-layer ``l`` do not depend on alpha, so they are computed once per batch and only layers ``l..L-1``
-run for each step; every (example, step) pair of a layer goes through the model as one row of a
-large batch (chunks of ``internal_batch_size`` rows); gradients are taken with respect to the
-scaled attention only, never the parameters.
+How it is computed (exact, not an approximation of the definition; see the README for the
+measured speed-up): the hidden states entering layer ``l`` do not depend on alpha, so they are
+computed once per batch and only layers ``l..L-1`` run for each step; scaling layer ``l``'s
+attention by alpha scales its heads' outputs ``A @ V`` by alpha, so each step injects
+``alpha * (A @ V)`` and the gradient with respect to the attention is the gradient with respect
+to that context times ``V^T`` (one product per layer after the weighted sum over steps; no
+``[B, H, T, T]`` tensor per step); the last layer computes only the first token, the one the
+classification head reads; every (example, step) pair is a row of a few large forward calls,
+grouped by length and cut to the longest row of each call; no parameter gradients.
 """
 
 from __future__ import annotations

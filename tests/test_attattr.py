@@ -188,3 +188,19 @@ def test_accepts_a_tokenizer_batch_encoding(bert, batch):
     torch.testing.assert_close(
         AttAttr(bert).attribute(BatchEncoding(batch), n_steps=3), AttAttr(bert).attribute(batch, n_steps=3)
     )
+
+
+@pytest.mark.parametrize("max_rows", [None, 1, 5])
+def test_row_chunks_cover_every_row_once_within_budget(max_rows):
+    from attribution.attattr import TOKENS_PER_CALL, _row_chunks
+
+    lengths = [7, 300, 12, 3, 3, 900, 64]
+    seen = []
+    for examples, steps, length in _row_chunks(lengths, 4, max_rows, torch.device("cpu")):
+        assert length == max(lengths[b] for b in examples.tolist())
+        if max_rows:
+            assert len(examples) <= max_rows
+        else:
+            assert len(examples) == 1 or len(examples) * length <= TOKENS_PER_CALL
+        seen += list(zip(examples.tolist(), steps.tolist(), strict=True))
+    assert sorted(seen) == [(b, k) for b in range(7) for k in range(4)]
