@@ -36,6 +36,7 @@ import yaml
 from attribution.errors import HeadpruneError
 
 SPLITS = ("train", "validation", "test")
+_TREE_FORMATS = ("png", "pdf", "svg", "html", "txt", "json")  # attribution.tree_render.FORMATS, without importing it
 _REQUIRED = object()
 
 
@@ -217,6 +218,50 @@ class ExportSection:
 
 
 @dataclass
+class TreeSection:
+    """Attribution trees (AttAttr §4) of a few inputs, on the dense model (``headprune tree``)."""
+
+    texts: list[str] = _field(expect="a non-empty list of input texts", check=lambda v: len(v) > 0)
+    text_pairs: list[str] | None = _field(
+        None, expect="a list of second texts, one per text (sentence-pair models), or null"
+    )
+    tau: float = _field(0.4, expect="a number between 0 and 1", check=lambda v: 0 <= v <= 1)
+    steps: int = _field(20, expect="a positive integer (AttAttr quadrature steps)", check=_positive)
+    method: str = _field("riemann_right", expect="an integration method name")
+    formats: list[str] = _field(
+        ["png", "html", "txt", "json"], expect="a non-empty list of png, pdf, svg, html, txt, json",
+        check=lambda v: len(v) > 0,
+    )
+
+
+@dataclass
+class TriggersSection:
+    """Trigger mining (AttAttr §5) on the dense model, optionally attacking held-out rows."""
+
+    split: str = _field("train", expect="one of " + ", ".join(SPLITS), check=_one_of(*SPLITS))
+    examples: int = _field(500, expect="a positive integer", check=_positive)
+    steps: int = _field(20, expect="a positive integer (AttAttr quadrature steps)", check=_positive)
+    method: str = _field("riemann_right", expect="an integration method name")
+    pairs: int = _field(2, expect="a positive integer (token pairs of the top head per example)", check=_positive)
+    batch_size: int = _field(8, expect="a positive integer", check=_positive)
+    attack: bool = _field(False, expect="true or false")
+    top_k: int = _field(5, expect="a positive integer (patterns per class to attack with)", check=_positive)
+    attack_split: str = _field("validation", expect="one of " + ", ".join(SPLITS), check=_one_of(*SPLITS))
+    attack_examples: int | None = _field(
+        None, expect="a positive integer, or null for the whole split", check=_positive
+    )
+    random_trials: int = _field(3, expect="a positive integer", check=_positive)
+
+
+@dataclass
+class AnalysisSection:
+    """Interpretation outputs under ``OUT/analysis/``: attribution trees and/or trigger mining."""
+
+    tree: TreeSection | None = _field(None, expect="a mapping of tree options, or null")
+    triggers: TriggersSection | None = _field(None, expect="a mapping of trigger options, true or null")
+
+
+@dataclass
 class ReportSection:
     """The report's title (default: the recipe's name)."""
 
@@ -233,13 +278,16 @@ class Recipe:
     seed: int = _field(0, expect="an integer")
     data: DataSection = _field(DataSection(), expect="a mapping (data set spec)")
     finetune: FinetuneSection | None = _field(None, expect="a mapping of fine-tuning options, true or null")
-    score: ScoreSection = _field(ScoreSection(), expect="a mapping (head-importance scoring)")
+    score: ScoreSection | None = _field(
+        ScoreSection(), expect="a mapping (head-importance scoring), or null to skip (then no sweep/prune)"
+    )
     sweep: SweepSection | None = _field(SweepSection(), expect="a mapping of sweep options, or null to skip")
     prune: PruneSection | None = _field(PruneSection(), expect="a mapping of pruning options, or null to skip")
     repair: RepairSection | None = _field(None, expect="a mapping of repair options, true or null")
     evaluate: EvaluateSection = _field(EvaluateSection(), expect="a mapping (evaluation)")
     cost: CostSection | None = _field(CostSection(), expect="a mapping of cost options, or null to skip")
     export: ExportSection | None = _field(ExportSection(), expect="a mapping of export options, or null to skip")
+    analysis: AnalysisSection | None = _field(None, expect="a mapping with tree and/or triggers, or null")
     report: ReportSection = _field(ReportSection(), expect="a mapping (report options)")
     # not part of the YAML: where it came from (for messages and relative paths)
     source: str = field(default="<recipe>", repr=False, compare=False, metadata={"internal": True})
@@ -451,6 +499,8 @@ class _Validator:
                 self.fail((*path, i), f"unknown metric {item!r}", _metric_expect())
             if name == "batch_sizes" and item < 1:
                 self.fail((*path, i), f"got {_describe(item)}", "a positive integer")
+            if name == "formats" and str(item).lower().lstrip(".") not in _TREE_FORMATS:
+                self.fail((*path, i), f"unknown format {item!r}", "one of: " + ", ".join(_TREE_FORMATS))
 
     # ---- criteria: names from the registry, options from the constructor's signature ----------
 
@@ -532,6 +582,12 @@ class _Validator:
 
 
 def _cross_checks(recipe: Recipe, v: _Validator) -> None:
+    if recipe.score is None:
+        for name in ("sweep", "prune"):
+            if getattr(recipe, name) is not None:
+                v.fail((name,), f"{name} needs the score section, which is off", "null (or a score section)")
+    if recipe.analysis is not None:
+        _analysis_checks(recipe.analysis, v)
     target = recipe.prune.target if recipe.prune else None
     if recipe.prune is not None:
         chosen = [k for k in ("fraction", "keep_per_layer", "max_drop") if getattr(target, k) is not None]
@@ -558,6 +614,26 @@ def _cross_checks(recipe: Recipe, v: _Validator) -> None:
         v.fail(("export",), "nothing to export (no prune section, dense: false)", "a prune section or dense: true")
     if recipe.data.text_pair_column is not None and recipe.data.text_column is None:
         v.fail(("data", "text_pair_column"), "set without text_column", "text_column as well")
+
+
+def _analysis_checks(analysis: AnalysisSection, v: _Validator) -> None:
+    from attribution.quadrature import METHODS
+
+    for name in ("tree", "triggers"):
+        section = getattr(analysis, name)
+        if section is None:
+            continue
+        if section.method not in METHODS:
+            v.fail(("analysis", name, "method"), f"unknown integration method {section.method!r}",
+                   "one of: " + ", ".join(METHODS))
+        if section.method == "riemann_trapezoid" and section.steps < 2:
+            v.fail(("analysis", name, "steps"), f"got {section.steps}", "an integer >= 2 for riemann_trapezoid")
+    tree = analysis.tree
+    if tree is not None and tree.text_pairs is not None and len(tree.text_pairs) != len(tree.texts):
+        v.fail(("analysis", "tree", "text_pairs"), f"got {len(tree.text_pairs)} for {len(tree.texts)} texts",
+               "one second text per text")
+    if analysis.tree is None and analysis.triggers is None:
+        v.fail(("analysis",), "neither tree nor triggers", "a tree and/or a triggers section (or analysis: null)")
 
 
 def _resolve_relative(recipe: Recipe, base: Path) -> None:

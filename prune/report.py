@@ -73,7 +73,7 @@ def _scores(out: Path, stages: Collection[str] | None = None) -> dict[str, HeadS
 
 
 def _order(found: dict[str, HeadScores], recipe: dict[str, Any] | None) -> list[str]:
-    wanted = list((recipe or {}).get("score", {}).get("criteria", {})) or list(found)
+    wanted = list(((recipe or {}).get("score") or {}).get("criteria", {})) or list(found)
     return [c for c in wanted if c in found] + [c for c in found if c not in wanted]
 
 
@@ -534,6 +534,18 @@ def build_blocks(
                 ],
             ),
         ]
+    analysis = _analysis_files(out, stages)
+    if analysis:
+        if not scores and not prune:
+            blocks[1] = ("p", f"Interpretation of {model} (no head scoring or pruning requested).")
+        blocks += [
+            ("h", 2, "Analysis"),
+            (
+                "p",
+                "Attribution trees (AttAttr §4) and mined trigger patterns with their attack (AttAttr §5) of the "
+                "dense model: " + ", ".join(f"`{f}`" for f in analysis) + ".",
+            ),
+        ]
     blocks.append(("h", 2, "Run"))
     finetune = _read(out, "finetune.json", stages)
     if finetune:
@@ -568,6 +580,16 @@ def build_blocks(
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
+
+
+def _analysis_files(out: Path, stages: Collection[str] | None) -> list[str]:
+    """Files of the analysis stages of this run (``analysis/trees/*``, ``analysis/triggers.json``)."""
+    found = []
+    if stages is None or "analysis-tree" in stages:
+        found += sorted(p for p in (out / "analysis" / "trees").glob("tree-*") if p.is_file())
+    if (stages is None or "analysis-triggers" in stages) and (out / "analysis" / "triggers.json").is_file():
+        found.append(out / "analysis" / "triggers.json")
+    return [str(p.relative_to(out)) for p in found]
 
 
 def _md_cell(text: str) -> str:

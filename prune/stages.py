@@ -2,7 +2,10 @@
 
 Stages, in order (each only when the recipe asks for it)::
 
-    finetune -> dense -> score-<criterion>... -> sweep -> prune -> cost -> export -> report
+    finetune -> dense -> score-<criterion>... -> sweep -> prune -> cost -> export
+             -> analysis-tree -> analysis-triggers -> report
+
+(the analysis stages interpret the dense model; their outputs go to ``OUT/analysis/``).
 
 Every stage writes its outputs atomically under the output directory and then a marker
 ``OUT/stages/<stage>.json`` holding the **fingerprint** of its inputs: the stage's recipe section,
@@ -357,7 +360,8 @@ class Pipeline:
             split, n, skip = recipe.score.split, recipe.score.examples, 0
         elif purpose == "sweep":
             split, n = recipe.sweep.split, recipe.sweep.examples
-            skip = min(recipe.score.examples, len(self.splits[split])) if split == recipe.score.split else 0
+            scored = recipe.score is not None and split == recipe.score.split
+            skip = min(recipe.score.examples, len(self.splits[split])) if scored else 0
         elif purpose == "evaluate":
             split, n, skip = recipe.evaluate.split, recipe.evaluate.examples, 0
             if n is None:
@@ -479,9 +483,14 @@ class Pipeline:
         recipe = self.recipe
         # Everything that can fail on bad input happens before the output directory is touched.
         splits = self.splits
+        triggers = recipe.analysis.triggers if recipe.analysis is not None else None
         for purpose, section in (("score", recipe.score), ("sweep", recipe.sweep), ("evaluate", recipe.evaluate)):
             if section is not None and section.split not in splits:
                 raise HeadpruneError(f"{purpose}.split {section.split!r} is not a split of {recipe.data.name}")
+        for key in ("split", "attack_split") if triggers is not None else ():
+            if getattr(triggers, key) not in splits:
+                raise HeadpruneError(f"analysis.triggers.{key} {getattr(triggers, key)!r} is not a split of "
+                                     f"{recipe.data.name}")
         if self.out.exists() and not self.out.is_dir():
             raise HeadpruneError(f"output path {self.out} exists and is not a directory")
         if self.procs.main:
@@ -496,7 +505,7 @@ class Pipeline:
 
         self.stage_model()
         self.stage_dense()
-        for name, options in recipe.score.criteria.items():
+        for name, options in (recipe.score.criteria if recipe.score is not None else {}).items():
             self.stage_score(name, options)
         if recipe.sweep is not None:
             self.stage_sweep()
@@ -506,6 +515,10 @@ class Pipeline:
                 self.stage_cost()
         if recipe.export is not None and recipe.export.onnx:
             self.stage_export()
+        if recipe.analysis is not None and recipe.analysis.tree is not None:
+            self.stage_analysis_tree()
+        if recipe.analysis is not None and recipe.analysis.triggers is not None:
+            self.stage_analysis_triggers()
         self.stage_report()
         seconds = time.perf_counter() - started
         summary = self.records["report"].outputs.get("summary", {})
@@ -1034,6 +1047,63 @@ class Pipeline:
             self.log(f"[export] {label}: {info['path']}, max |onnx - torch| {exported.max_abs_diff:.1e}; {timing}")
         save_json(result, self.out / "export.json")
         return {}, ["export.json", *files]
+
+    # ---- analysis: attribution trees and trigger mining on the dense model ------------------------
+
+    def stage_analysis_tree(self) -> None:
+        section = self.recipe.section("analysis")["tree"]
+        inputs = {"tree": section, **self._common()}
+        self.stage("analysis-tree", inputs, self._analysis_tree, main_only=True)
+
+    def _analysis_tree(self, fp: str) -> tuple[dict[str, Any], list[str]]:
+        from prune.commands.tree import tree_stage
+
+        section = self.recipe.analysis.tree
+        model, tokenizer = self.dense
+        folder = self.out / "analysis" / "trees"
+        folder.mkdir(parents=True, exist_ok=True)
+        files: list[str] = []
+        trees = []
+        for i, text in enumerate(section.texts):
+            pair = section.text_pairs[i] if section.text_pairs is not None else None
+            # save_tree writes in place: render into temporary names, then rename (atomic per file)
+            final = [folder / f"tree-{i}.{fmt.lower().lstrip('.')}" for fmt in section.formats]
+            temporary = [p.with_name(f".tmp-{fp[:8]}-{p.name}") for p in final]
+            tree = tree_stage(
+                model, tokenizer, text, temporary, text_pair=pair, tau=section.tau, n_steps=section.steps,
+                method=section.method, max_length=self.spec.max_length,
+            )
+            for tmp, path in zip(temporary, final, strict=True):
+                os.replace(tmp, path)
+                readable(path)
+                files.append(str(path.relative_to(self.out)))
+            trees.append({"text": text, "text_pair": pair, "files": [str(p.relative_to(self.out)) for p in final]})
+            self.log(f"[analysis-tree] tree {i}: {final[0].with_suffix('.*').name}")
+            del tree
+        return {"trees": trees}, files
+
+    def stage_analysis_triggers(self) -> None:
+        section = self.recipe.section("analysis")["triggers"]
+        inputs = {"triggers": section, **self._common()}
+        self.stage("analysis-triggers", inputs, self._analysis_triggers, main_only=True)
+
+    def _analysis_triggers(self, fp: str) -> tuple[dict[str, Any], list[str]]:
+        from prune.commands.triggers import triggers_stage
+
+        section = self.recipe.analysis.triggers
+        model, tokenizer = self.dense
+        path = self.out / "analysis" / "triggers.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = triggers_stage(  # TriggerReport.save writes atomically
+            model, tokenizer, self.splits, path, split=section.split, examples=section.examples,
+            attack=section.attack, attack_split=section.attack_split, attack_examples=section.attack_examples,
+            top_k=section.top_k, random_trials=section.random_trials, max_length=self.spec.max_length,
+            seed=self.recipe.seed, progress=self.progress, n_steps=section.steps, method=section.method,
+            pairs=section.pairs, batch_size=section.batch_size,
+        )
+        readable(path)
+        self.log(f"[analysis-triggers] {path.relative_to(self.out)}")
+        return {"classes": list(report.label_names)}, [str(path.relative_to(self.out))]
 
     # ---- report --------------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ def plan(recipe) -> list[str]:  # noqa: ANN001 - a Recipe
     else:
         lines.append(f"model     {recipe.model}")
     lines.append(f"dense     {', '.join(recipe.evaluate.metrics)} on {recipe.evaluate.split}")
-    for name, options in recipe.score.criteria.items():
+    for name, options in (recipe.score.criteria if recipe.score is not None else {}).items():
         extra = ", ".join(f"{k}={v}" for k, v in options.items())
         lines.append(
             f"score     {name}{f' ({extra})' if extra else ''} on {recipe.score.examples} {recipe.score.split} rows, "
@@ -79,5 +79,19 @@ def plan(recipe) -> list[str]:  # noqa: ANN001 - a Recipe
         lines.append(f"cost      params, FLOPs, latency at batch {', '.join(map(str, recipe.cost.batch_sizes))}")
     if recipe.export is not None and recipe.export.onnx:
         lines.append(f"export    ONNX opset {recipe.export.opset}")
+    analysis = recipe.analysis
+    if analysis is not None and analysis.tree is not None:
+        tree = analysis.tree
+        lines.append(
+            f"analysis  {len(tree.texts)} attribution tree(s), tau {tree.tau:g}, {tree.steps} {tree.method} steps "
+            f"-> analysis/trees/ ({', '.join(tree.formats)})"
+        )
+    if analysis is not None and analysis.triggers is not None:
+        trig = analysis.triggers
+        attack = f", attack {trig.attack_examples or 'all'} {trig.attack_split} rows" if trig.attack else ""
+        lines.append(
+            f"analysis  triggers from {trig.examples} {trig.split} rows, {trig.steps} {trig.method} steps{attack} "
+            "-> analysis/triggers.json"
+        )
     lines.append("report    report.md + report.html")
     return lines
