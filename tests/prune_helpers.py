@@ -18,9 +18,8 @@ WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIAL))]
 def tiny_tokenizer(directory: Path) -> BertTokenizerFast:
     """A WordPiece tokenizer whose ids stay below the tiny models' vocabulary size (60)."""
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=False)
+    # transformers 5: BertTokenizerFast(vocab_file=...) keeps only the special tokens; a dict works
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(SPECIAL + WORDS)}, do_lower_case=False)
 
 
 def tiny_dataset(rows: int, seed: int = 0, labels: int = 3, max_words: int = 9) -> datasets.Dataset:

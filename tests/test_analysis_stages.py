@@ -5,10 +5,8 @@ entry points; reruns skip; malformed sections give the one-line error with exit 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from transformers import BertTokenizerFast
 
 from attribution.data import DataSpec, load_splits
 from attribution.tree import AttributionTree
@@ -65,19 +63,10 @@ def _rounded(value):  # noqa: ANN001, ANN202 - JSON data
     return value
 
 
-def _real_vocabulary(world: Path) -> None:
-    """Re-save the tiny model's tokenizer from a vocab dict: in transformers 5,
-    ``BertTokenizerFast(vocab_file=...)`` (tiny_recipe) keeps only the 5 special tokens, so every
-    word is [UNK] and the trigger attack has no ordinary tokens to draw random ones from."""
-    words = (world / "vocab.txt").read_text().split()
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True).save_pretrained(world / "model")
-
-
 @pytest.fixture(scope="module")
 def analysis_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analysis")
     recipe = tiny_recipe(tmp, **ANALYSIS_ONLY)
-    _real_vocabulary(tmp / "world")
     out = tmp / "out"
     result = run_recipe(load_recipe(recipe), out, progress=False, log=lambda line: None)
     return recipe, out, result

@@ -18,9 +18,9 @@ WORDS = [
 def tiny_model_dir(root: Path, *, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
     """A saved BertForSequenceClassification (2 labels, neg/pos) with its tokenizer, no network."""
     root.mkdir(parents=True, exist_ok=True)
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    # transformers 5: BertTokenizerFast(vocab_file=...) keeps only the special tokens; a dict works
+    tokenizer = BertTokenizerFast(vocab={token: index for index, token in enumerate(tokens)}, do_lower_case=True)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(WORDS) + 5,
