@@ -1069,7 +1069,7 @@ class Pipeline:
             # save_tree writes in place: render into temporary names, then rename (atomic per file)
             final = [folder / f"tree-{i}.{fmt.lower().lstrip('.')}" for fmt in section.formats]
             temporary = [p.with_name(f".tmp-{fp[:8]}-{p.name}") for p in final]
-            tree = tree_stage(
+            tree_stage(
                 model, tokenizer, text, temporary, text_pair=pair, tau=section.tau, n_steps=section.steps,
                 method=section.method, max_length=self.spec.max_length,
             )
@@ -1079,7 +1079,6 @@ class Pipeline:
                 files.append(str(path.relative_to(self.out)))
             trees.append({"text": text, "text_pair": pair, "files": [str(p.relative_to(self.out)) for p in final]})
             self.log(f"[analysis-tree] tree {i}: {final[0].with_suffix('.*').name}")
-            del tree
         return {"trees": trees}, files
 
     def stage_analysis_triggers(self) -> None:
