@@ -37,6 +37,7 @@ from attribution.quadrature import quadrature
 Output = Literal["probability", "logit", "loss"]
 OUTPUTS: tuple[str, ...] = ("probability", "logit", "loss")
 TOKENS_PER_CALL = 4096  # default rows per forward pass: this many tokens (internal_batch_size overrides)
+CALL_OVERHEAD_TOKENS = 96  # a forward + backward call's fixed cost, in tokens of work (measured on CPU)
 
 
 def target_output(logits: torch.Tensor, target: torch.Tensor, output: str) -> torch.Tensor:
@@ -89,28 +90,48 @@ def _row_chunks(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """Split the (example, step) rows into forward calls: ``(examples [R], steps [R], length)``.
 
-    Rows go shortest example first, so each call is cut to its longest row and little padding is
-    computed; a call holds ``max_rows`` rows, or by default about ``TOKENS_PER_CALL`` tokens (a
-    forward call has milliseconds of fixed overhead, so few large calls beat many small ones).
+    Each call is cut to its longest row, so mixing lengths computes padding, while every call
+    costs a fixed overhead (about ``CALL_OVERHEAD_TOKENS`` tokens' worth of work). Rows are
+    sorted by length and cut into runs of whole length classes by dynamic programming on
+    ``overhead * calls + rows * longest``; a run too big for one call (over ``max_rows`` rows,
+    or by default over ``TOKENS_PER_CALL`` tokens) is spread evenly over several.
     """
-    order = sorted(range(len(lengths)), key=lambda b: lengths[b])
-    rows = [(b, k) for b in order for k in range(steps)]
-    start = 0
-    while start < len(rows):
-        end = start + 1
-        while end < len(rows):
-            length = lengths[rows[end][0]]  # rows are sorted by length: the last one is the longest
-            fits = (end + 1 - start) <= max_rows if max_rows else (end + 1 - start) * length <= TOKENS_PER_CALL
-            if not fits:
-                break
-            end += 1
-        part = rows[start:end]
-        yield (
-            torch.tensor([b for b, _ in part], device=device),
-            torch.tensor([k for _, k in part], device=device),
-            max(lengths[b] for b, _ in part),
-        )
-        start = end
+    if steps == 0 or not lengths:
+        return
+    by_length: dict[int, list[int]] = {}
+    for b in sorted(range(len(lengths)), key=lambda b: lengths[b]):
+        by_length.setdefault(lengths[b], []).append(b)
+    classes = sorted(by_length)
+
+    def calls_for(rows: int, length: int) -> int:
+        per_call = max_rows if max_rows else max(1, TOKENS_PER_CALL // length)
+        return -(-rows // per_call)
+
+    # best[j]: cheapest cost of the first j length classes; cut[j]: where its last run starts
+    best, cut = [0.0] + [float("inf")] * len(classes), [0] * (len(classes) + 1)
+    for j in range(1, len(classes) + 1):
+        rows = 0
+        for i in range(j, 0, -1):  # the last run covers classes i-1 .. j-1
+            rows += len(by_length[classes[i - 1]]) * steps
+            longest = classes[j - 1]
+            cost = best[i - 1] + CALL_OVERHEAD_TOKENS * calls_for(rows, longest) + rows * longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    runs, j = [], len(classes)
+    while j > 0:
+        runs.append((cut[j], j))
+        j = cut[j]
+    for first, last in reversed(runs):
+        part = [(b, k) for length in classes[first:last] for b in by_length[length] for k in range(steps)]
+        calls = calls_for(len(part), classes[last - 1])
+        size = -(-len(part) // calls)
+        for start in range(0, len(part), size):
+            chunk = part[start : start + size]
+            yield (
+                torch.tensor([b for b, _ in chunk], device=device),
+                torch.tensor([k for _, k in chunk], device=device),
+                max(lengths[b] for b, _ in chunk),
+            )
 
 
 @contextlib.contextmanager
@@ -223,16 +244,20 @@ class AttAttr:
         bsz, seq = mask.shape
         pair_mask = (mask[:, :, None] * mask[:, None, :]).to(torch.float32)  # [B, T, T]
 
+        # A node at alpha = 1 is the model as it is, whichever layer is scaled: its gradients for every
+        # layer come from the one backward pass of the unscaled model instead of a pass per layer.
+        at_one = [k for k, alpha in enumerate(alphas) if alpha == 1.0]
+        weight_at_one = sum(weights[k] for k in at_one)
+        alphas, weights = (
+            [alpha for k, alpha in enumerate(alphas) if k not in at_one],
+            [weight for k, weight in enumerate(weights) if k not in at_one],
+        )
         with _inference_setup(model), self._autocast(autocast_dtype):
-            with instrument.AttentionProbe(model, capture=True) as probe, torch.no_grad():
-                full = model(**batch, output_hidden_states=True)
-                attentions = {k: v.detach() for k, v in probe.attentions.items()}
-            hidden_in = [h.detach() for h in full.hidden_states[:-1]]
-            logits = full.logits.float()
-            target_ids = resolve_target(target, logits)
-            f_full = target_output(logits, target_ids, self.output)
-
             lengths = _content_lengths(mask)
+            f_full, target_ids, hidden_in, attentions, grads_at_one = self._unscaled_pass(
+                batch, lengths, internal_batch_size, target, gradients=bool(at_one)
+            )
+
             for layer in layers:
                 heads = kept[layer]
                 result = torch.zeros(bsz, total_heads, seq, seq, dtype=torch.float32, device=mask.device)
@@ -250,6 +275,8 @@ class AttAttr:
                         layer, batch, hidden_in[layer], target_ids, ex, length, torch.zeros_like(context[ex]), False
                     )[0]
                 context_grad = torch.zeros_like(context, dtype=torch.float32)  # accumulated in fp32
+                if at_one:
+                    context_grad += weight_at_one * grads_at_one[layer]
                 steps = torch.tensor(alphas, device=mask.device, dtype=torch.float32)
                 step_weights = torch.tensor(weights, device=mask.device, dtype=torch.float32)
                 for ex, k, length in _row_chunks(lengths, len(alphas), internal_batch_size, mask.device):
@@ -262,6 +289,56 @@ class AttAttr:
                 result[:, heads] = attribution
                 delta = attribution.sum(dim=(1, 2, 3)) - (f_full - f_base)
                 yield LayerAttribution(layer, result, delta, f_full, f_base)
+
+    def _unscaled_pass(
+        self,
+        batch: dict[str, torch.Tensor],
+        lengths: list[int],
+        max_rows: int | None,
+        target: int | torch.Tensor | list[int] | None,
+        gradients: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """The model as it is, in length-grouped calls. Returns ``F(A)`` and the target ``[B]``, the
+        hidden states entering each layer ``L x [B, T, D]``, each layer's attention ``[B, H_l, T, T]``
+        and, with ``gradients``, dF/d(A @ V) per layer ``[B, H_l, T, d_h]`` (float32; all zero
+        beyond each call's length)."""
+        model = self.model
+        bsz, seq = batch["input_ids"].shape
+        device = batch["input_ids"].device
+        given = None if target is None else resolve_target(target, torch.empty(bsz, model.config.num_labels))
+        f_full = torch.zeros(bsz, dtype=torch.float32, device=device)
+        target_ids = torch.zeros(bsz, dtype=torch.long, device=device)
+        hidden_in: list[torch.Tensor] = []
+        attentions: dict[int, torch.Tensor] = {}
+        grads: dict[int, torch.Tensor] = {}
+        with (
+            instrument.AttentionProbe(model, capture=True, capture_context=gradients) as probe,
+            torch.set_grad_enabled(gradients),
+        ):
+            for rows, _, length in _row_chunks(lengths, 1, max_rows, device):
+                probe.clear()
+                out = model(**{key: value[rows, :length] for key, value in batch.items()}, output_hidden_states=True)
+                logits = out.logits.float()
+                chunk_target = logits.argmax(dim=-1) if given is None else given.to(device)[rows]
+                values = target_output(logits, chunk_target, self.output)
+                f_full[rows], target_ids[rows] = values.detach(), chunk_target
+                if not hidden_in:
+                    hidden_in = [h.new_zeros(bsz, seq, h.shape[-1]) for h in out.hidden_states[:-1]]
+                    attentions = {k: v.new_zeros(bsz, v.shape[1], seq, seq) for k, v in probe.attentions.items()}
+                    grads = {k: v.new_zeros(bsz, *v.shape[1:2], seq, v.shape[-1]) for k, v in probe.contexts.items()}
+                for full, part in zip(hidden_in, out.hidden_states[:-1], strict=True):
+                    full[rows, :length] = part.detach()
+                for k, part in probe.attentions.items():
+                    attentions[k][rows, :, :length, :length] = part.detach()
+                if gradients:
+                    layers = sorted(probe.contexts)
+                    found = torch.autograd.grad(
+                        values.sum(), [probe.contexts[k] for k in layers], allow_unused=True
+                    )
+                    for k, grad in zip(layers, found, strict=True):
+                        if grad is not None:
+                            grads[k][rows, :, :length] = grad.float()
+        return f_full, target_ids, hidden_in, attentions, {k: v.float() for k, v in grads.items()}
 
     def _run_from(
         self,

@@ -139,6 +139,10 @@ class AttentionProbe:
       a zero gate removes the head exactly as physical pruning does).
     - ``replace[layer]``: a tensor ``[B, H_l, T, T]`` used instead of the layer's probabilities, or
       a callable ``probs -> probs``.
+    - ``capture_context``: record each layer's head outputs before gating, ``A_h @ V_h``
+      ``[B, H_l, T, d_h]``, in ``contexts[layer]``, as nodes of the autograd graph (made
+      differentiable when nothing upstream is), so one backward pass gives dF/d(context) of every
+      layer at once.
     - ``layers``: restrict capture to these layers (all by default).
 
     On exit, the model's previous attention implementation is restored, exceptions included.
@@ -149,14 +153,17 @@ class AttentionProbe:
         model: PreTrainedModel,
         *,
         capture: bool = False,
+        capture_context: bool = False,
         layers: list[int] | None = None,
     ) -> None:
         self.model = model
         self.capture = capture
+        self.capture_context = capture_context
         self.layers = None if layers is None else set(layers)
         self.gates: dict[int, torch.Tensor] = {}
         self.replace: dict[int, torch.Tensor | Callable[[torch.Tensor], torch.Tensor]] = {}
         self.attentions: dict[int, torch.Tensor] = {}
+        self.contexts: dict[int, torch.Tensor] = {}
         self._modules = attention_modules(model)
         self._previous: str | None = None
 
@@ -172,14 +179,24 @@ class AttentionProbe:
         for module in self._modules:
             module._headprune_probe = None
         _restore_attention(self.model, self._previous)
-        self.attentions = {}
+        self.clear()
 
     def clear(self) -> None:
-        """Forget captured attentions (call between forward passes to free memory)."""
+        """Forget captured attentions and contexts (call between forward passes to free memory)."""
         self.attentions = {}
+        self.contexts = {}
 
     def _wants(self, layer: int) -> bool:
         return self.capture and (self.layers is None or layer in self.layers)
+
+    def _record_context(self, layer: int, context: torch.Tensor) -> torch.Tensor:
+        """Keep ``context`` when asked to; returns the tensor the forward pass must go on with."""
+        if not self.capture_context or (self.layers is not None and layer not in self.layers):
+            return context
+        if torch.is_grad_enabled() and not context.requires_grad:
+            context = context.detach().requires_grad_()  # nothing upstream needs grad: a leaf
+        self.contexts[layer] = context
+        return context
 
 
 def _use_headprune_attention(model: PreTrainedModel) -> str:
@@ -219,6 +236,8 @@ def _headprune_attention(
             query, key, value, attn_mask=attention_mask,
             dropout_p=dropout if module.training else 0.0, scale=scaling,
         )
+        if probe is not None:
+            output = probe._record_context(layer, output)
         return _apply_gates(module, probe, layer, output).transpose(1, 2).contiguous(), None
 
     if isinstance(replacement, torch.Tensor):
@@ -243,7 +262,10 @@ def _headprune_attention(
         probe.attentions[layer] = probs
 
     dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
-    output = _apply_gates(module, probe, layer, torch.matmul(dropped, value))
+    context = torch.matmul(dropped, value)
+    if probe is not None:
+        context = probe._record_context(layer, context)
+    output = _apply_gates(module, probe, layer, context)
     return output.transpose(1, 2).contiguous(), probs
 
 
@@ -424,6 +446,10 @@ def _first_token_context(
         return hidden_states.new_zeros(bsz, 1, 0)
     d_h = attention.attention_head_size
     query, key, value = (getattr(attention, name) for name in names)
+    probe, layer = getattr(attention, "_headprune_probe", None) or (None, -1)
+    wants_probs = probe is not None and (layer in probe.replace or probe._wants(layer))
+    if not wants_probs and not attention.training:
+        return _first_token_context_absorbed(attention, hidden_states, attention_mask, query, key, value)
     q = query(hidden_states[:, :1]).view(bsz, 1, -1, d_h).transpose(1, 2)
     k = key(hidden_states).view(bsz, seq, -1, d_h).transpose(1, 2)
     v = value(hidden_states).view(bsz, seq, -1, d_h).transpose(1, 2)
@@ -432,6 +458,43 @@ def _first_token_context(
     dropout = attention.dropout.p if attention.training else 0.0
     context, _ = _headprune_attention(attention, q, k, v, attention_mask, scaling=attention.scaling, dropout=dropout)
     return context.reshape(bsz, 1, -1)
+
+
+def _first_token_context_absorbed(
+    attention: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+    query: nn.Linear, key: nn.Linear, value: nn.Linear,
+) -> torch.Tensor:
+    """:func:`_first_token_context` without projecting every token to keys and values.
+
+    With one query per head, ``q . (W_k x_j + b_k) = (W_k^T q) . x_j + q . b_k``: the query is
+    carried back through the key projection once, and the bias term, the same for every key, cancels
+    in the softmax. Since each head's probabilities sum to one, ``sum_j p_j (W_v x_j + b_v) =
+    W_v (sum_j p_j x_j) + b_v``. Per token this costs ``2 * heads * D`` multiply-adds instead of
+    ``2 * D * D`` for the key and value projections: the last layer of a classifier becomes
+    almost free. Same numbers up to float rounding.
+    """
+    bsz, seq, dim = hidden_states.shape
+    d_h = attention.attention_head_size
+    heads = query.out_features // d_h
+    q = query(hidden_states[:, 0]).view(bsz, heads, d_h)
+    q_in_input_space = torch.einsum("bhd,hdk->bhk", q, key.weight.view(heads, d_h, dim))  # [B, H, D]
+    scores = torch.bmm(q_in_input_space, hidden_states.transpose(1, 2)) * attention.scaling  # [B, H, T]
+    if attention_mask is not None:
+        row = attention_mask[:, :, 0, :] if attention_mask.dim() == 4 else attention_mask[:, None, :]
+        if row.dtype == torch.bool:
+            scores = scores.masked_fill(~row, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + row
+    mixed = torch.bmm(torch.softmax(scores, dim=-1), hidden_states)  # [B, H, D]
+    context = torch.einsum("bhk,hdk->bhd", mixed, value.weight.view(heads, d_h, dim))
+    if value.bias is not None:
+        context = context + value.bias.view(heads, d_h)
+    probe, layer = getattr(attention, "_headprune_probe", None) or (None, -1)
+    context = context[:, :, None, :]  # [B, H, 1, d_h]
+    if probe is not None:
+        context = probe._record_context(layer, context)
+    context = _apply_gates(attention, probe, layer, context)
+    return context.transpose(1, 2).reshape(bsz, 1, -1)
 
 
 def _bert_first_token_forward(

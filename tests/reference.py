@@ -54,5 +54,5 @@ def reference_attattr(
             integral = (grads[:-1] * torch.tensor(weights, dtype=torch.float64)[:, None, None, None]).sum(0)
             attr = originals[layer][0].double() * integral
             attributions[b, layer, :, :length, :length] = attr
-            deltas[b, layer] = attr.sum() - (f_full - values[-1])
+            deltas[b, layer] = attr.sum() - (f_full - values[-1].detach())  # no graph kept alive
     return attributions, deltas

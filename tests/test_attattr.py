@@ -23,7 +23,7 @@ def batch():
     return padded_batch(seed=5)
 
 
-@pytest.mark.parametrize("method", ["riemann_right", "riemann_left", "gausslegendre"])
+@pytest.mark.parametrize("method", ["riemann_right", "riemann_left", "gausslegendre", "gaussradau"])
 def test_equals_slow_reference(bert, batch, method):
     fast, delta = AttAttr(bert).attribute(batch, n_steps=7, method=method, return_convergence_delta=True)
     slow, slow_delta = reference_attattr(bert, batch, n_steps=7, method=method)
@@ -89,6 +89,34 @@ def test_completeness_improves_with_steps_and_gauss_legendre_is_within_one_perce
     gap = attr.sum(dim=(2, 3, 4)) - delta  # = F(A) - F(0) per example and layer
     assert gap.abs().min() > 1e-3  # the check below is not vacuous
     assert (delta.abs() <= 0.01 * gap.abs()).all()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_quadrature_rules_integrate_polynomials_exactly_to_their_degree(m):
+    from attribution.quadrature import quadrature
+
+    for method, degree in (("gausslegendre", 2 * m - 1), ("gaussradau", 2 * m - 2)):
+        alphas, weights = quadrature(method, m)
+        assert len(alphas) == m and all(0.0 <= a <= 1.0 for a in alphas)
+        moments = [sum(w * a**d for a, w in zip(alphas, weights, strict=True)) for d in range(degree + 2)]
+        for d in range(degree + 1):
+            assert moments[d] == pytest.approx(1 / (d + 1), abs=1e-12), (method, d)
+        assert abs(moments[degree + 1] - 1 / (degree + 2)) > 1e-11  # and no further
+    assert quadrature("gaussradau", m)[0][-1] == 1.0  # exactly, so AttAttr takes it from the unscaled pass
+
+
+def test_node_at_one_from_the_unscaled_pass_equals_a_scaled_pass(bert, batch):
+    """A node at alpha = 1 comes from one backward pass through the unscaled model for all layers;
+    the reference computes it per layer with a scaled pass. Alone (one Radau node: gradient x
+    attention) and within riemann_right, both agree."""
+    explainer = AttAttr(bert)
+    right = explainer.attribute(batch, n_steps=4, method="riemann_right")  # 0.25, 0.5, 0.75, 1
+    slow_right, _ = reference_attattr(bert, batch, n_steps=4, method="riemann_right")
+    torch.testing.assert_close(right.double(), slow_right, atol=1e-6, rtol=0)
+    single = explainer.attribute(batch, n_steps=1, method="gaussradau")  # the alpha = 1 node alone
+    slow_single, _ = reference_attattr(bert, batch, n_steps=1, method="gaussradau")
+    assert slow_single.abs().max() > 1e-2
+    torch.testing.assert_close(single.double(), slow_single, atol=1e-6, rtol=0)
 
 
 def test_example_alone_equals_example_in_padded_batch(bert, batch):

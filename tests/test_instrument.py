@@ -135,3 +135,15 @@ def test_first_token_last_layer_keeps_logits(family, last_layer_heads):
             with instrument.first_token_last_layer(model):
                 torch.testing.assert_close(model(**batch).logits, full, atol=1e-6, rtol=0)
     assert "forward" not in instrument.encoder_layers(model)[2].__dict__
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_token_last_layer_applies_head_gates(family):
+    """The cut last layer skips the key and value projections (its query is carried back through
+    W_k); persistent gates still apply to its heads."""
+    model = tiny_model(family)
+    batch = padded_batch(pad_id=pad_id(model))
+    instrument.set_head_mask(model, [None, None, torch.tensor([1.0, 0.0, 0.5, 1.0])])
+    full = model(**batch).logits
+    with instrument.first_token_last_layer(model):
+        torch.testing.assert_close(model(**batch).logits, full, atol=1e-6, rtol=0)
