@@ -301,7 +301,9 @@ class AttAttr:
         """The model as it is, in length-grouped calls. Returns ``F(A)`` and the target ``[B]``, the
         hidden states entering each layer ``L x [B, T, D]``, each layer's attention ``[B, H_l, T, T]``
         and, with ``gradients``, dF/d(A @ V) per layer ``[B, H_l, T, d_h]`` (float32; all zero
-        beyond each call's length)."""
+        beyond each call's length). The classifier reads the first token only, so the last layer
+        computes (and returns attention and gradient for) the first query row only: the other rows
+        cannot change F, their gradient is zero, and so is their attribution."""
         model = self.model
         bsz, seq = batch["input_ids"].shape
         device = batch["input_ids"].device
@@ -313,6 +315,7 @@ class AttAttr:
         grads: dict[int, torch.Tensor] = {}
         with (
             instrument.AttentionProbe(model, capture=True, capture_context=gradients) as probe,
+            instrument.first_token_last_layer(model),  # the other query rows of the last layer get no gradient
             torch.set_grad_enabled(gradients),
         ):
             for rows, _, length in _row_chunks(lengths, 1, max_rows, device):
@@ -328,8 +331,8 @@ class AttAttr:
                     grads = {k: v.new_zeros(bsz, *v.shape[1:2], seq, v.shape[-1]) for k, v in probe.contexts.items()}
                 for full, part in zip(hidden_in, out.hidden_states[:-1], strict=True):
                     full[rows, :length] = part.detach()
-                for k, part in probe.attentions.items():
-                    attentions[k][rows, :, :length, :length] = part.detach()
+                for k, part in probe.attentions.items():  # the last layer's: first row only
+                    attentions[k][rows, :, : part.shape[2], :length] = part.detach()
                 if gradients:
                     layers = sorted(probe.contexts)
                     found = torch.autograd.grad(
@@ -337,7 +340,7 @@ class AttAttr:
                     )
                     for k, grad in zip(layers, found, strict=True):
                         if grad is not None:
-                            grads[k][rows, :, :length] = grad.float()
+                            grads[k][rows, :, : grad.shape[2]] = grad.float()
         return f_full, target_ids, hidden_in, attentions, {k: v.float() for k, v in grads.items()}
 
     def _run_from(
