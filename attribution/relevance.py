@@ -162,10 +162,12 @@ def grad_attention_product(
     gradients: Sequence[torch.Tensor | None],
     mask: torch.Tensor,
     eps: float = 1e-3,
+    signed: bool = False,
 ) -> torch.Tensor:
     """Gradient x attention multiplied over layers.
 
-    Per layer ``s_l = mean_h (A ⊙ ∇A)[CLS, :]`` over the real tokens, shifted so its minimum is
+    Per layer ``s_l = |mean_h (A ⊙ ∇A)[CLS, :]|`` (with ``signed``, without the absolute value: the
+    rule as DESIGN.md §7 first wrote it) over the real tokens, shifted so its minimum is
     ``eps * (max - min)`` (``eps`` is relative, so the rule does not depend on the gradients'
     scale; a constant ``s_l`` becomes all ones and changes nothing); the product over layers is
     taken as a sum of logs and returned as ``exp(sum - max)``: the largest token gets 1, ratios are
@@ -177,6 +179,8 @@ def grad_attention_product(
         if probs is None or probs.shape[1] == 0:
             continue
         score = (probs.float() * grads.float()).mean(dim=1)[:, 0]  # [B, T]
+        if not signed:
+            score = score.abs()
         low = score.masked_fill(~valid, math.inf).amin(dim=-1, keepdim=True)
         high = score.masked_fill(~valid, -math.inf).amax(dim=-1, keepdim=True)
         spread = high - low
@@ -367,27 +371,36 @@ class GenericAttentionExplainability(TokenRelevance):
 class GradAttentionProduct(TokenRelevance):
     """Gradient x attention product across layers, see :func:`grad_attention_product`.
 
+    Each layer's factor is the magnitude of ``mean_h (A ⊙ ∇A)`` on the ``[CLS]`` row: to first
+    order, how much the target logit would move if that attention weight were removed, in either
+    direction. The signed score is an option, but a product punishes it badly: a token that a
+    lower layer's ``[CLS]`` row weighs *against* the target gets the smallest factor there, and
+    the product ranks it last even when every later layer ranks it first (it happens for one class
+    of the toy model in tests/test_relevance.py, where the signed rule finds the deciding token in
+    half the examples and the magnitude in all).
+
     Args:
         eps: the floor after shifting each layer's scores to a minimum of 0, relative to the
             layer's range (so no token's product collapses to exactly 0).
+        signed: use ``mean_h (A ⊙ ∇A)`` without the absolute value.
     """
 
     name = "grad_attention"
     uses_gradients = True
 
-    def __init__(self, model: PreTrainedModel, eps: float = 1e-3) -> None:
+    def __init__(self, model: PreTrainedModel, eps: float = 1e-3, signed: bool = False) -> None:
         super().__init__(model)
         if not eps > 0:
             raise HeadpruneError(f"eps must be positive, got {eps}")
-        self.eps = eps
+        self.eps, self.signed = eps, bool(signed)
 
     def options(self) -> dict[str, Any]:
-        return {"eps": self.eps}
+        return {"eps": self.eps, "signed": self.signed}
 
     def attribute(self, inputs: dict[str, torch.Tensor], target: Target = None) -> torch.Tensor:
         batch = validate_inputs(self.model, inputs)
         probs, grads, _, _ = self._attentions_and_gradients(batch, target)
-        return grad_attention_product(probs, grads, batch["attention_mask"], self.eps)
+        return grad_attention_product(probs, grads, batch["attention_mask"], self.eps, self.signed)
 
 
 @register_relevance
