@@ -267,23 +267,29 @@ class AttAttr:
                     continue
                 attention = attentions[layer].float()  # [B, H_l, T, T]
                 values = instrument.head_values(model, layer, hidden_in[layer]).float()  # [B, H_l, T, d_h]
-                # Scaling the attention by alpha scales the heads' outputs A @ V by alpha.
-                context = attention @ values
+                # Scaling the attention by alpha scales the heads' outputs A @ V by alpha, and the
+                # attention block's output (before residual and LayerNorm) becomes alpha * P + bias.
+                context = (attention @ values).requires_grad_()
+                with torch.enable_grad():
+                    direction = instrument.project_heads(model, layer, context)  # P: [B, T, D]
+                bias = instrument.output_projection(model, layer).bias
+                bias = torch.zeros(direction.shape[-1], device=mask.device) if bias is None else bias.detach()
                 f_base = torch.zeros_like(f_full)
                 for ex, _, length in _row_chunks(lengths, 1, internal_batch_size, mask.device):
-                    f_base[ex] = self._run_from(
-                        layer, batch, hidden_in[layer], target_ids, ex, length, torch.zeros_like(context[ex]), False
-                    )[0]
-                context_grad = torch.zeros_like(context, dtype=torch.float32)  # accumulated in fp32
-                if at_one:
-                    context_grad += weight_at_one * grads_at_one[layer]
+                    alone = bias.expand(len(ex), seq, -1)  # alpha = 0: no head contributes
+                    f_base[ex] = self._run_from(layer, batch, hidden_in[layer], target_ids, ex, length, alone, False)[0]
+                output_grad = torch.zeros_like(direction, dtype=torch.float32)  # accumulated in fp32
                 steps = torch.tensor(alphas, device=mask.device, dtype=torch.float32)
                 step_weights = torch.tensor(weights, device=mask.device, dtype=torch.float32)
                 for ex, k, length in _row_chunks(lengths, len(alphas), internal_batch_size, mask.device):
-                    scaled = steps[k][:, None, None, None] * context[ex]
-                    _, grad = self._run_from(layer, batch, hidden_in[layer], target_ids, ex, length, scaled, True)
-                    weighted = grad.float() * step_weights[k][:, None, None, None]
-                    context_grad[:, :, :length].index_add_(0, ex, weighted)
+                    output = steps[k][:, None, None] * direction[ex].detach() + bias
+                    _, grad = self._run_from(layer, batch, hidden_in[layer], target_ids, ex, length, output, True)
+                    weighted = grad.float() * step_weights[k][:, None, None]
+                    output_grad[:, :length].index_add_(0, ex, weighted)
+                # Back through the (linear) projection once for the weighted sum of all steps.
+                (context_grad,) = torch.autograd.grad(direction, context, output_grad)
+                if at_one:
+                    context_grad += weight_at_one * grads_at_one[layer]
                 # dF/dA = dF/d(A @ V) @ V^T, so the weighted sum over steps needs one product at the end.
                 attribution = attention * (context_grad @ values.float().transpose(-1, -2)).float() * pair_mask[:, None]
                 result[:, heads] = attribution
@@ -351,26 +357,26 @@ class AttAttr:
         target: torch.Tensor,
         rows: torch.Tensor,
         length: int,
-        context: torch.Tensor,
+        output: torch.Tensor,
         with_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """F for ``rows`` (example indices, each repeated once per step) with layer ``layer``'s head
-        outputs set to ``context`` ``[R, H_l, T, d_h]``, running only layers ``layer..L-1`` (the
+        """F for ``rows`` (example indices, each repeated once per step) with layer ``layer``'s
+        attention output set to ``output`` ``[R, T, D]``, running only layers ``layer..L-1`` (the
         last one for the first token only) on the first ``length`` positions (the rows' padding
-        beyond them is cut); and dF/d(context) ``[R, H_l, length, d_h]`` when ``with_grad``."""
+        beyond them is cut); and dF/d(output) ``[R, length, D]`` when ``with_grad``."""
         model = self.model
-        context = context[:, :, :length].detach().requires_grad_(with_grad)
+        output = output[:, :length].detach().requires_grad_(with_grad)
         with (
             torch.set_grad_enabled(with_grad),
             instrument.start_at_layer(model, layer, hidden[rows, :length]),
-            instrument.inject_context(model, layer, context),
+            instrument.inject_attention_output(model, layer, output),
             instrument.first_token_last_layer(model),
         ):
             logits = model(**{key: value[rows, :length] for key, value in batch.items()}).logits.float()
             values = target_output(logits, target[rows], self.output)
             if not with_grad:
                 return values, None
-            (grad,) = torch.autograd.grad(values.sum(), context)
+            (grad,) = torch.autograd.grad(values.sum(), output)
         return values.detach(), grad
 
     @staticmethod

@@ -367,41 +367,50 @@ def head_values(model: PreTrainedModel, layer: int, hidden_states: torch.Tensor)
     return value.view(bsz, seq, -1, attention.attention_head_size).transpose(1, 2)
 
 
-@contextlib.contextmanager
-def inject_context(model: PreTrainedModel, layer: int, context: torch.Tensor) -> Iterator[None]:
-    """Inside the block, the heads of ``layer`` output ``context`` ``[B, H_l, T, d_h]`` (their
-    outputs before gating, ``A_h @ V_h``) instead of computing it from Q, K and V.
+def project_heads(model: PreTrainedModel, layer: int, context: torch.Tensor) -> torch.Tensor:
+    """Head outputs ``context`` ``[B, H_l, T, d_h]`` (before gating) through the persistent gates and
+    the output projection *without its bias*: ``[B, T, D]``. Linear in ``context``."""
+    attention = attention_modules(model)[layer]
+    bsz, _, seq, _ = context.shape
+    gated = _apply_gates(attention, None, layer, context).transpose(1, 2).reshape(bsz, seq, -1)
+    return nn.functional.linear(gated, output_projection(model, layer).weight)
 
-    For AttAttr: scaling a layer's attention by alpha scales exactly this context by alpha, and the
-    gradient with respect to the attention is the context gradient times ``V^T``; so the scaled
-    copies need neither the layer's projections nor ``[B, H, T, T]`` tensors. Persistent masks and
-    probe gates still apply.
+
+@contextlib.contextmanager
+def inject_attention_output(model: PreTrainedModel, layer: int, output: torch.Tensor) -> Iterator[None]:
+    """Inside the block, layer ``layer``'s attention (heads and output projection, before dropout,
+    residual and LayerNorm) outputs ``output`` ``[B, T, D]`` (its first positions when the layer
+    computes fewer) instead of computing it.
+
+    For AttAttr: scaling a layer's attention by alpha makes this ``alpha * P + b`` with
+    ``P = project_heads(A @ V)`` fixed, so the scaled copies need neither the layer's projections
+    nor ``[B, H, T, T]`` tensors, and the gradient with respect to the attention follows from the
+    gradient with respect to ``output`` by two products per layer once the steps are summed.
     """
     attention = attention_modules(model)[layer]
-    family = model_family(model)
+    projection = output_projection(model, layer)
     if not kept_heads(model)[layer]:
-        raise HeadpruneError(f"layer {layer} has no heads left to inject a context into")
-    inner_output = family.output.rsplit(".", 1)[-1] if family.output_inside_attention else None
+        raise HeadpruneError(f"layer {layer} has no heads left to inject an attention output into")
 
-    def forward(self: nn.Module, hidden_states: torch.Tensor, *args: object, **kwargs: object):
-        out = _gated_context(self, hidden_states.shape[1])
-        return (getattr(self, inner_output)(out) if inner_output else out), None
+    inside = any(module is projection for module in attention.modules())  # DistilBERT's out_lin
+
+    def heads(self: nn.Module, hidden_states: torch.Tensor, *args: object, **kwargs: object):
+        # a stand-in with the right number of positions; the projection below ignores its values
+        return (projection(hidden_states) if inside else hidden_states), None
+
+    def project(self: nn.Module, stand_in: torch.Tensor) -> torch.Tensor:
+        return output[:, : stand_in.shape[1]]
 
     try:
-        attention._headprune_context = context
-        attention.forward = types.MethodType(forward, attention)
+        attention._headprune_output = output
+        attention.forward = types.MethodType(heads, attention)
+        projection.forward = types.MethodType(project, projection)
         yield
     finally:
-        attention.__dict__.pop("_headprune_context", None)
-        if "forward" in attention.__dict__ and attention.forward.__func__ is forward:
-            del attention.forward
-
-
-def _gated_context(attention: nn.Module, queries: int) -> torch.Tensor:
-    """An injected context, first ``queries`` positions, gated, as ``[B, T', H_l * d_h]``."""
-    probe, layer = getattr(attention, "_headprune_probe", None) or (None, -1)
-    context = _apply_gates(attention, probe, layer, attention._headprune_context[:, :, :queries])
-    return context.transpose(1, 2).reshape(context.shape[0], queries, -1)
+        attention.__dict__.pop("_headprune_output", None)
+        for module, function in ((attention, heads), (projection, project)):
+            if "forward" in module.__dict__ and module.forward.__func__ is function:
+                del module.forward
 
 
 def reads_first_token_only(model: PreTrainedModel) -> bool:
@@ -440,8 +449,8 @@ def _first_token_context(
 ) -> torch.Tensor:
     """The concatenated head outputs ``[B, 1, H_l * d_h]`` for the first query position only."""
     bsz, seq, _ = hidden_states.shape
-    if "_headprune_context" in attention.__dict__:  # inject_context
-        return _gated_context(attention, 1)
+    if "_headprune_output" in attention.__dict__:  # inject_attention_output: a one-position stand-in
+        return hidden_states[:, :1]
     if "forward" in attention.__dict__:  # a layer pruned to zero heads
         return hidden_states.new_zeros(bsz, 1, 0)
     d_h = attention.attention_head_size
