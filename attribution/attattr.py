@@ -10,14 +10,21 @@ hidden states. The baseline is the all-zero attention. Completeness holds per la
 convergence delta.
 
 How it is computed (exact, not an approximation of the definition; see the README for the
-measured speed-up): the hidden states entering layer ``l`` do not depend on alpha, so they are
-computed once per batch and only layers ``l..L-1`` run for each step; scaling layer ``l``'s
-attention by alpha scales its heads' outputs ``A @ V`` by alpha, so each step injects
-``alpha * (A @ V)`` and the gradient with respect to the attention is the gradient with respect
-to that context times ``V^T`` (one product per layer after the weighted sum over steps; no
-``[B, H, T, T]`` tensor per step); the last layer computes only the first token, the one the
-classification head reads; every (example, step) pair is a row of a few large forward calls,
-grouped by length and cut to the longest row of each call; no parameter gradients.
+measured speed-up):
+
+- the hidden states entering layer ``l`` do not depend on alpha, so they are computed once per
+  batch and only layers ``l..L-1`` run for each step;
+- scaling layer ``l``'s attention by alpha scales its heads' outputs ``A @ V`` by alpha, so its
+  attention block outputs ``alpha * P + b`` with ``P`` the projected head outputs, fixed: each
+  step injects that (no Q, K, V or output projection of the layer, no ``[B, H, T, T]`` tensor per
+  step), and the gradient with respect to the attention is the gradient with respect to it,
+  summed over the steps, back through the projection and times ``V^T``;
+- the classification head reads the first token only, so the last layer computes that one query
+  row, carried back through the key projection (no key or value projection of every token);
+- a node at alpha = 1 (riemann_right's last, Gauss-Radau's fixed node) is the unscaled model for
+  every layer: one backward pass gives it for all layers at once;
+- every (example, step) pair is a row of a few large forward calls, grouped by length (dynamic
+  programming on a call's fixed cost against its padding); no parameter gradients.
 """
 
 from __future__ import annotations
@@ -194,10 +201,12 @@ class AttAttr:
         Args:
             inputs: tokenizer batch, ``input_ids`` ``[B, T]`` (+ ``attention_mask``, ``token_type_ids``).
             target: class per example: None (the predicted class), an int, or ``[B]`` (e.g. gold labels).
-            n_steps: quadrature nodes (model evaluations per example and layer).
+            n_steps: quadrature nodes (model evaluations per example and layer; a node at alpha = 1
+                is shared by all layers).
             method: ``riemann_right`` (default; the paper's sum), ``riemann_left`` (the authors'
-                code), ``riemann_middle``, ``riemann_trapezoid`` or ``gausslegendre`` (recommended:
-                far smaller completeness error for the same cost).
+                code), ``riemann_middle``, ``riemann_trapezoid``, ``gausslegendre`` or
+                ``gaussradau`` (recommended with ``n_steps=3``: a quarter of the paper setting's
+                completeness error, about 11x faster than the authors' procedure; see the README).
             layers: layer indices to attribute (default all), in the order returned.
             internal_batch_size: at most this many (example, step) rows per forward pass; bounds
                 memory. Default: as many rows as make ``TOKENS_PER_CALL`` tokens.

@@ -48,6 +48,7 @@ from attribution import instrument
 from attribution.attattr import AttAttr, _inference_setup, resolve_target, target_output, validate_inputs
 from attribution.errors import HeadpruneError
 from attribution.importance import Criterion, _scatter_heads, register_criterion
+from attribution.quadrature import METHODS as QUADRATURE_METHODS
 
 Target = int | torch.Tensor | list[int] | None
 
@@ -524,6 +525,9 @@ class IntegratedGradientsEmbeddings(TokenRelevance):
             raise HeadpruneError(f"ig output must be 'probability' or 'logit', got {output!r}")
         if not isinstance(n_steps, int) or n_steps < 1:
             raise HeadpruneError(f"n_steps must be a positive integer, got {n_steps!r}")
+        captum_methods = [m for m in QUADRATURE_METHODS if m != "gaussradau"]  # captum has no Radau rule
+        if method not in captum_methods:
+            raise HeadpruneError(f"ig method must be one of {', '.join(captum_methods)}, got {method!r}")
         self.n_steps, self.method, self.output = n_steps, method, output
         self.internal_batch_size = internal_batch_size
         self.special_ids = None if special_ids is None else [int(i) for i in special_ids]

@@ -264,6 +264,8 @@ def test_method_names_and_bad_options(model):
         make_relevance("rollout", model, steps=3)
     with pytest.raises(HeadpruneError, match="target classes"):
         make_relevance("gae", model).attribute(padded_batch(), target=7)
+    with pytest.raises(HeadpruneError, match="ig method must be one of .*gausslegendre, got 'gaussradau'"):
+        make_relevance("ig", model, method="gaussradau")
 
 
 # ---- a tiny model trained so that one token decides the label ---------------------------------

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--integration",
         default="riemann_right",
         choices=INTEGRATION_METHODS,
-        help="attattr: quadrature rule; riemann_right 20 is the paper, gausslegendre 4 "
-        "is faster and more exact (default: %(default)s)",
+        help="attattr: quadrature rule; riemann_right 20 is the paper, gaussradau 3 is the "
+        "recommended one (11x faster, 4x smaller completeness error) (default: %(default)s)",
     )
     parser.add_argument(
         "--target",
