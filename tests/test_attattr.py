@@ -91,6 +91,41 @@ def test_completeness_improves_with_steps_and_gauss_legendre_is_within_one_perce
     assert (delta.abs() <= 0.01 * gap.abs()).all()
 
 
+def test_row_chunks_are_the_cheapest_cut_into_runs_of_lengths():
+    """The calls cost CALL_OVERHEAD_TOKENS each plus rows x longest row: no other way of cutting the
+    length-sorted rows into runs (brute force over all of them) is cheaper."""
+    import itertools
+
+    from attribution.attattr import CALL_OVERHEAD_TOKENS, TOKENS_PER_CALL, _row_chunks
+
+    def cost_of(calls):
+        return sum(CALL_OVERHEAD_TOKENS + rows * longest for rows, longest in calls)
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(3, 200, (int(torch.randint(1, 12, (1,), generator=generator)),), generator=generator)
+        lengths, steps = lengths.tolist(), int(torch.randint(1, 8, (1,), generator=generator))
+        chosen = cost_of((len(ex), length) for ex, _, length in _row_chunks(lengths, steps, None, torch.device("cpu")))
+        classes = sorted(set(lengths))
+        best = float("inf")
+        for cuts in itertools.product([False, True], repeat=len(classes) - 1):
+            runs, run = [], [classes[0]]
+            for length, cut in zip(classes[1:], cuts, strict=True):
+                if cut:
+                    runs.append(run)
+                    run = []
+                run.append(length)
+            runs.append(run)
+            total = 0
+            for run in runs:
+                rows = steps * sum(lengths.count(length) for length in run)
+                per_call = max(1, TOKENS_PER_CALL // run[-1])
+                calls = -(-rows // per_call)
+                total += calls * CALL_OVERHEAD_TOKENS + rows * run[-1]
+            best = min(best, total)
+        assert chosen <= best
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
 def test_quadrature_rules_integrate_polynomials_exactly_to_their_degree(m):
     from attribution.quadrature import quadrature
