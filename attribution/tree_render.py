@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from attribution.errors import HeadpruneError
-from attribution.scores import atomic_write_text
+from attribution.scores import atomic_output, atomic_write_text
 from attribution.tree import AttributionTree
 
 FORMATS = (".png", ".pdf", ".svg", ".html", ".htm", ".txt", ".json")
@@ -135,11 +135,8 @@ def render_png(tree: AttributionTree, path: str | os.PathLike[str], *, dpi: int 
 
     fig = render_figure(tree)
     FigureCanvasAgg(fig)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.errors import HeadpruneError
+from attribution.scores import atomic_output
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -112,13 +113,11 @@ def export_onnx(
         raise HeadpruneError(f"the sample batch lacks {missing[0]!r}, an input of this model")
     args = tuple(sample[n].cpu() for n in names)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with atomic_output(path) as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer chatter about Python control flow on shapes
             torch.onnx.export(
                 _LogitsOnly(model, names).cpu(),
@@ -131,11 +130,9 @@ def export_onnx(
                 do_constant_folding=True,
                 dynamo=False,
             )
-        os.replace(tmp, path)
     except HeadpruneError:
         raise
     except Exception as error:
-        tmp.unlink(missing_ok=True)
         zero = [i for i, h in enumerate(instrument.heads_per_layer(model)) if h == 0]
         hint = f" (layers {zero} have no heads left and run a patched forward)" if zero else ""
         first = (str(error).strip().splitlines() or [""])[0][:200]

@@ -52,7 +52,7 @@ from attribution import __version__
 from attribution.data import DataSpec, encode, iter_batches, label_names, load_splits
 from attribution.errors import HeadpruneError
 from attribution.importance import CRITERIA, make_criterion
-from attribution.scores import HeadScores, atomic_write_text
+from attribution.scores import HeadScores, atomic_output, atomic_write_text
 from prune.recipe import Recipe
 
 MARKER_FORMAT = "headprune.StageRecord"
@@ -178,14 +178,8 @@ class RunResult:
 
 def save_tensor_file(obj: Any, path: Path) -> None:
     """``torch.save`` so that ``path`` is either absent or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def readable(path: Path) -> None:

@@ -134,3 +134,19 @@ def test_head_scores_round_trip_rank_and_plot(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(HeadpruneError, match="not valid JSON"):
         HeadScores.load(tmp_path / "bad.json")
+
+
+def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path):
+    from attribution.scores import atomic_output, atomic_write_text
+
+    path = tmp_path / "sub" / "scores.json"
+    atomic_write_text(path, "old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_output(path) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("disk full")
+    assert path.read_text() == "old"
+    assert [p.name for p in path.parent.iterdir()] == ["scores.json"]  # no temporary left behind
+    with atomic_output(tmp_path / "figure.png") as tmp:
+        assert tmp.suffix == ".png"  # writers that pick the format by suffix still work
+        tmp.write_bytes(b"png")
+    assert (tmp_path / "figure.png").read_bytes() == b"png"
