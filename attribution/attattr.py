@@ -343,7 +343,10 @@ class AttAttr:
                 if not hidden_in:
                     hidden_in = [h.new_zeros(bsz, seq, h.shape[-1]) for h in out.hidden_states[:-1]]
                     attentions = {k: v.new_zeros(bsz, v.shape[1], seq, seq) for k, v in probe.attentions.items()}
-                    grads = {k: v.new_zeros(bsz, *v.shape[1:2], seq, v.shape[-1]) for k, v in probe.contexts.items()}
+                    grads = {
+                        k: v.new_zeros(bsz, v.shape[1], seq, v.shape[-1], dtype=torch.float32)
+                        for k, v in probe.contexts.items()
+                    }
                 for full, part in zip(hidden_in, out.hidden_states[:-1], strict=True):
                     full[rows, :length] = part.detach()
                 for k, part in probe.attentions.items():  # the last layer's: first row only
@@ -356,7 +359,7 @@ class AttAttr:
                     for k, grad in zip(layers, found, strict=True):
                         if grad is not None:
                             grads[k][rows, :, : grad.shape[2]] = grad.float()
-        return f_full, target_ids, hidden_in, attentions, {k: v.float() for k, v in grads.items()}
+        return f_full, target_ids, hidden_in, attentions, grads
 
     def _run_from(
         self,

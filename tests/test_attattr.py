@@ -234,11 +234,12 @@ def test_masked_model_equals_reference_and_pruned_model_equals_masked():
     assert removed_delta[:, 2].abs().sum() == 0  # a layer with no heads: nothing to attribute, F(0) = F(A)
 
 
-def test_bfloat16_autocast_is_close_and_its_cost_shows_in_the_delta(bert, batch):
+@pytest.mark.parametrize("method", ["gausslegendre", "gaussradau"])  # Radau: its node at 1 under autocast too
+def test_bfloat16_autocast_is_close_and_its_cost_shows_in_the_delta(bert, batch, method):
     explainer = AttAttr(bert)
-    exact, exact_delta = explainer.attribute(batch, n_steps=6, method="gausslegendre", return_convergence_delta=True)
+    exact, exact_delta = explainer.attribute(batch, n_steps=6, method=method, return_convergence_delta=True)
     low, low_delta = explainer.attribute(
-        batch, n_steps=6, method="gausslegendre", return_convergence_delta=True, autocast_dtype=torch.bfloat16
+        batch, n_steps=6, method=method, return_convergence_delta=True, autocast_dtype=torch.bfloat16
     )
     assert low.dtype == torch.float32
     assert (low - exact).abs().max() <= 0.1 * exact.abs().max()
