@@ -685,9 +685,6 @@ def write_report(
     )
     for name, text in (("report.md", render_markdown(blocks, out)), ("report.html", render_html(blocks, title))):
         atomic_write_text(out / name, text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(out / name, 0o666 & ~umask)  # the atomic writer's temp file is private (0600)
     images = [Path(b[1]) for b in blocks if b[0] == "img"]
     return WrittenReport([out / "report.md", out / "report.html", *images], summary)
 

@@ -130,7 +130,6 @@ class StageRecord:
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps({"format": MARKER_FORMAT, **dataclasses.asdict(self)}, indent=1))
-        readable(path)
 
     @classmethod
     def load(cls, path: Path) -> StageRecord | None:
@@ -182,16 +181,8 @@ def save_tensor_file(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def readable(path: Path) -> None:
-    """Give ``path`` the usual permissions (the atomic writers create private 0600 temp files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def save_json(obj: Any, path: Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
-    readable(path)
 
 
 def _json_default(value: Any) -> Any:
@@ -490,10 +481,8 @@ class Pipeline:
         if self.procs.main:
             (self.out / "stages").mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "recipe.yaml", recipe.to_yaml())
-            readable(self.out / "recipe.yaml")
             if self.command:
                 atomic_write_text(self.out / "command.txt", self.command + "\n")
-                readable(self.out / "command.txt")
         self.procs.barrier()
         self.log(f"headprune run: {recipe.title} -> {self.out}  ({self.procs.world} process(es))")
 
@@ -1060,18 +1049,14 @@ class Pipeline:
         trees = []
         for i, text in enumerate(section.texts):
             pair = section.text_pairs[i] if section.text_pairs is not None else None
-            # save_tree writes in place: render into temporary names, then rename (atomic per file)
             final = [folder / f"tree-{i}.{fmt.lower().lstrip('.')}" for fmt in section.formats]
-            temporary = [p.with_name(f".tmp-{fp[:8]}-{p.name}") for p in final]
-            tree_stage(
-                model, tokenizer, text, temporary, text_pair=pair, tau=section.tau, n_steps=section.steps,
+            tree_stage(  # save_tree writes every format atomically
+                model, tokenizer, text, final, text_pair=pair, tau=section.tau, n_steps=section.steps,
                 method=section.method, max_length=self.spec.max_length,
             )
-            for tmp, path in zip(temporary, final, strict=True):
-                os.replace(tmp, path)
-                readable(path)
-                files.append(str(path.relative_to(self.out)))
-            trees.append({"text": text, "text_pair": pair, "files": [str(p.relative_to(self.out)) for p in final]})
+            written = [str(path.relative_to(self.out)) for path in final]
+            files += written
+            trees.append({"text": text, "text_pair": pair, "files": written})
             self.log(f"[analysis-tree] tree {i}: {final[0].with_suffix('.*').name}")
         return {"trees": trees}, files
 
@@ -1094,7 +1079,6 @@ class Pipeline:
             seed=self.recipe.seed, progress=self.progress, n_steps=section.steps, method=section.method,
             pairs=section.pairs, batch_size=section.batch_size,
         )
-        readable(path)
         self.log(f"[analysis-triggers] {path.relative_to(self.out)}")
         return {"classes": list(report.label_names)}, [str(path.relative_to(self.out))]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -146,6 +148,9 @@ def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path):
         raise RuntimeError("disk full")
     assert path.read_text() == "old"
     assert [p.name for p in path.parent.iterdir()] == ["scores.json"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the mode open() gives, not a private 0600
     with atomic_output(tmp_path / "figure.png") as tmp:
         assert tmp.suffix == ".png"  # writers that pick the format by suffix still work
         tmp.write_bytes(b"png")
