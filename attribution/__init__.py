@@ -17,7 +17,7 @@ _EXPORTS = {
     "CRITERIA": "attribution.importance",
     "Criterion": "attribution.importance",
     "HeadScores": "attribution.scores",
-    "HeadpruneError": "attribution.errors",
+    "HeadpruneError": "attribution.core.errors",
     "SUPPORTED_MODEL_TYPES": "attribution.instrument",
     "head_importance": "attribution.importance",
     "quadrature": "attribution.quadrature",

@@ -31,7 +31,7 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution import instrument
-from attribution.attattr import _inference_setup, validate_inputs
+from attribution.core.inputs import inference_setup, validate_inputs
 from attribution.importance import Criterion, _scatter_heads, register_criterion
 
 
@@ -83,7 +83,7 @@ def head_unary_share(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) ->
     pruned heads)."""
     batch = validate_inputs(model, inputs)
     mask = batch["attention_mask"]
-    with _inference_setup(model), torch.no_grad():
+    with inference_setup(model), torch.no_grad():
         hidden = instrument.layer_inputs(model, batch)
         per_layer: dict[int, torch.Tensor] = {}
         for layer, heads in enumerate(instrument.kept_heads(model)):

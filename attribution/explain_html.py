@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from attribution.relevance import default_method_options, make_relevance, parse_methods
 
 FORMAT = "headprune.Explanation"
@@ -60,7 +60,7 @@ class Explanation:
         return cls(**fields)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        from attribution.scores import atomic_write_text
+        from attribution.core.io import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
         return Path(path)
@@ -135,7 +135,7 @@ explained class, scaled per method (hover for raw values). Word pieces are merge
 """
 
     def save_html(self, path: str | os.PathLike[str]) -> Path:
-        from attribution.scores import atomic_write_text
+        from attribution.core.io import atomic_write_text
 
         atomic_write_text(path, self.to_html())
         return Path(path)

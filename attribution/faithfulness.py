@@ -40,10 +40,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from attribution.attattr import _inference_setup, validate_inputs
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
+from attribution.core.inputs import inference_setup, validate_inputs
+from attribution.core.io import atomic_write_text
 from attribution.relevance import TokenRelevance, make_relevance, special_token_ids  # noqa: F401 (re-export)
-from attribution.scores import atomic_write_text
 
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0 .. 0.9
 ERASER_BINS: tuple[float, ...] = (0.01, 0.05, 0.10, 0.20, 0.50)
@@ -93,7 +93,7 @@ class BatchedPredictor:
         order = sorted(range(len(unique)), key=lambda i: len(unique[i][0]))
         device = next(self.model.parameters()).device
         probs: list[torch.Tensor | None] = [None] * len(unique)
-        with _inference_setup(self.model), torch.no_grad():
+        with inference_setup(self.model), torch.no_grad():
             for start in range(0, len(order), self.forward_batch_size):
                 chunk = order[start : start + self.forward_batch_size]
                 width = max(len(unique[i][0]) for i in chunk)

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from attribution import instrument
-from attribution.attattr import AttAttr, _inference_setup, resolve_target, validate_inputs
-from attribution.errors import HeadpruneError
+from attribution.attattr import AttAttr
+from attribution.core.errors import HeadpruneError
+from attribution.core.inputs import inference_setup, resolve_target, validate_inputs
 from attribution.scores import HeadScores
 
 CRITERIA: dict[str, type[Criterion]] = {}
@@ -128,7 +129,7 @@ class _GateGradient(Criterion):
             for layer, size in enumerate(sizes)
             if size
         }
-        with _inference_setup(model), instrument.AttentionProbe(model) as probe, torch.enable_grad():
+        with inference_setup(model), instrument.AttentionProbe(model) as probe, torch.enable_grad():
             probe.gates.update(gates)
             logits = model(**inputs).logits.float()
             labels = batch.get("labels")
@@ -182,7 +183,7 @@ class AttentionCriterion(Criterion):
     def per_example(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = validate_inputs(model, batch)
         query_valid = inputs["attention_mask"].bool()[:, None, :, None]
-        with _inference_setup(model), instrument.AttentionProbe(model, capture=True) as probe, torch.no_grad():
+        with inference_setup(model), instrument.AttentionProbe(model, capture=True) as probe, torch.no_grad():
             model(**inputs)
             peaks = {
                 layer: probs.masked_fill(~query_valid, 0.0).flatten(2).max(dim=-1).values

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 
 ATTN_IMPLEMENTATION = "headprune"
 

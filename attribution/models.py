@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 
 DEFAULT_BASE_MODEL = "minilm"
 DEFAULT_MODEL = "default"

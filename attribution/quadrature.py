@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre", "gaussradau")
 

@@ -45,8 +45,9 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution import instrument
-from attribution.attattr import AttAttr, _inference_setup, resolve_target, target_output, validate_inputs
-from attribution.errors import HeadpruneError
+from attribution.attattr import AttAttr
+from attribution.core.errors import HeadpruneError
+from attribution.core.inputs import inference_setup, resolve_target, target_output, validate_inputs
 from attribution.importance import Criterion, _scatter_heads, register_criterion
 from attribution.quadrature import METHODS as QUADRATURE_METHODS
 
@@ -294,7 +295,7 @@ class TokenRelevance:
     def _attentions(self, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
         """Per layer ``[B, H_l, T, T]`` (None for layers with no heads) and the logits, no grad."""
         n_layers = len(instrument.encoder_layers(self.model))
-        with _inference_setup(self.model), instrument.AttentionProbe(self.model, capture=True) as probe:
+        with inference_setup(self.model), instrument.AttentionProbe(self.model, capture=True) as probe:
             self._replacements(probe, with_grad=False)
             with torch.no_grad():
                 logits = self.model(**batch).logits.float()
@@ -307,7 +308,7 @@ class TokenRelevance:
         """Attentions and ``dF/dA`` per layer (F = the target's logit by default), the target ids,
         and (with ``hidden``) the hidden states entering each layer plus the last."""
         n_layers = len(instrument.encoder_layers(self.model))
-        with _inference_setup(self.model), instrument.AttentionProbe(self.model, capture=True) as probe:
+        with inference_setup(self.model), instrument.AttentionProbe(self.model, capture=True) as probe:
             self._replacements(probe, with_grad=True)
             with torch.enable_grad():
                 out = self.model(**batch, output_hidden_states=hidden)
@@ -572,7 +573,7 @@ class IntegratedGradientsEmbeddings(TokenRelevance):
             logits = model(input_ids=input_ids, **dict(zip(extra_keys, extra, strict=True))).logits.float()
             return torch.softmax(logits, dim=-1) if self.output == "probability" else logits
 
-        with _inference_setup(model):
+        with inference_setup(model):
             with torch.no_grad():
                 target_ids = resolve_target(target, model(**batch).logits.float())
             explainer = LayerIntegratedGradients(forward, model.get_input_embeddings())

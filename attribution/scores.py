@@ -2,44 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
+from attribution.core.io import atomic_write_text
 
 FORMAT_VERSION = 1
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yields a temporary path beside ``path`` (same suffix, so writers that go by it still work);
-    when the block succeeds it replaces ``path``, when it fails it is removed: ``path`` is always
-    either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` so that ``path`` is either the old file or the complete new one."""
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 @dataclass

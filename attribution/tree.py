@@ -49,8 +49,8 @@ from typing import Any, Literal
 
 import torch
 
-from attribution.errors import HeadpruneError
-from attribution.scores import atomic_write_text
+from attribution.core.errors import HeadpruneError
+from attribution.core.io import atomic_write_text
 
 FORMAT_VERSION = 1
 DEFAULT_TAU = 0.4

@@ -17,8 +17,8 @@ import html
 import os
 from pathlib import Path
 
-from attribution.errors import HeadpruneError
-from attribution.scores import atomic_output, atomic_write_text
+from attribution.core.errors import HeadpruneError
+from attribution.core.io import atomic_output, atomic_write_text
 from attribution.tree import AttributionTree
 
 FORMATS = (".png", ".pdf", ".svg", ".html", ".htm", ".txt", ".json")

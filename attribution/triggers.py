@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution.errors import HeadpruneError
-from attribution.scores import atomic_write_text
+from attribution.core.errors import HeadpruneError
+from attribution.core.io import atomic_write_text
 
 FORMAT_VERSION = 1
 MAX_SOURCE_EXAMPLES = 20  # source rows remembered per pattern
@@ -388,7 +388,7 @@ def mine_triggers(
 
     Args:
         dataset: rows with ``text`` (str), optional ``text_pair`` and ``label`` (int), e.g. a split
-            of ``attribution.data.load_splits``.
+            of ``attribution.core.data.load_splits``.
         examples: how many rows to look at (a seeded random sample; ``None``: all).
         n_steps, method: AttAttr quadrature (the authors: Riemann, 64 steps; ``gausslegendre`` with
             4-6 nodes is more exact and much faster).
@@ -399,7 +399,8 @@ def mine_triggers(
     """
     from tqdm.auto import tqdm
 
-    from attribution.attattr import AttAttr, _inference_setup
+    from attribution.attattr import AttAttr
+    from attribution.core.inputs import inference_setup
 
     if pairs < 1:
         raise HeadpruneError(f"pairs must be at least 1, got {pairs}")
@@ -433,7 +434,7 @@ def mine_triggers(
         )
         batch = {k: v for k, v in encoding.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         gold = torch.tensor([labels[r] for r in rows])
-        with _inference_setup(model), torch.no_grad():
+        with inference_setup(model), torch.no_grad():
             predicted = model(**{k: v.to(_device(model)) for k, v in batch.items()}).logits.argmax(-1).cpu()
         correct = (predicted == gold).nonzero().flatten().tolist()
         stats["examples"] += len(rows)

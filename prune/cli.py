@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 
 # name -> (module, one-line help); each module has add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
-from attribution.scores import atomic_write_text
+from attribution.core.errors import HeadpruneError
+from attribution.core.io import atomic_write_text
 
 
 @dataclass

@@ -18,93 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel
 
-from attribution.errors import HeadpruneError
+from attribution.core import processes
+from attribution.core.errors import HeadpruneError
 from attribution.scores import HeadScores
-
-
-def state() -> Any:
-    """Accelerate's ``PartialState`` (initialises the process group under a distributed launch)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # Without cpu=True, Accelerate treats a CPU-only multi-process launch (torchrun, or
-    # ``accelerate launch --cpu``) as a single process.
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
-
-
-def num_processes() -> int:
-    return int(state().num_processes)
-
-
-def process_index() -> int:
-    return int(state().process_index)
-
-
-def is_main_process() -> bool:
-    return bool(state().is_main_process)
-
-
-def device() -> torch.device:
-    """This process's device (``cpu``, or its own GPU under a multi-GPU launch)."""
-    return torch.device(state().device)
-
-
-def shard_bounds(n: int, processes: int, index: int) -> tuple[int, int]:
-    """``[start, stop)`` of process ``index``'s contiguous shard of ``n`` rows; the first
-    ``n % processes`` shards get one extra row."""
-    if processes < 1 or not 0 <= index < processes:
-        raise HeadpruneError(f"bad shard {index} of {processes}")
-    if n < 0:
-        raise HeadpruneError(f"cannot shard {n} rows")
-    base, extra = divmod(n, processes)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)
-
-
-def shard(dataset: Any) -> Any:
-    """This process's contiguous shard of a ``datasets.Dataset`` (the whole set on one process)."""
-    processes = num_processes()
-    if processes == 1:
-        return dataset
-    start, stop = shard_bounds(len(dataset), processes, process_index())
-    return dataset.select(range(start, stop))
-
-
-def gather_rows(values: torch.Tensor) -> torch.Tensor:
-    """All processes' ``[n_i, ...]`` rows concatenated in process order -> ``[sum n_i, ...]``
-    (same on every process). Shards may differ in size, including empty ones."""
-    if num_processes() == 1:
-        return values
-    from accelerate.utils import gather, pad_across_processes
-
-    dev = device()
-    local = values.to(dev)
-    counts = gather(torch.tensor([local.shape[0]], device=dev)).cpu().tolist()
-    padded = pad_across_processes(local.contiguous(), dim=0)
-    gathered = gather(padded).cpu()
-    width = max(counts)
-    parts = [gathered[i * width : i * width + count] for i, count in enumerate(counts)]
-    return torch.cat(parts, dim=0)
-
-
-def reduce(summed: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum ``(summed [L, H], count [])`` over processes: the ``reduce`` hook of ``head_importance``.
-
-    float64 throughout (gloo and NCCL both reduce doubles), so two processes give the scores of
-    one up to summation order.
-    """
-    if num_processes() == 1:
-        return summed, count
-    from accelerate.utils import reduce as accelerate_reduce
-
-    dev = device()
-    total = accelerate_reduce(summed.to(dev, torch.float64), reduction="sum").cpu()
-    n = accelerate_reduce(count.to(dev, torch.float64).reshape(1), reduction="sum").cpu().reshape(())
-    return total, n
 
 
 def head_importance(
@@ -126,7 +44,7 @@ def head_importance(
 
     ``max_examples`` takes the first rows of ``dataset`` before sharding.
     """
-    from attribution.data import iter_batches
+    from attribution.core.data import iter_batches
     from attribution.importance import head_importance as score
 
     if max_examples is not None:
@@ -136,8 +54,8 @@ def head_importance(
     if len(dataset) == 0:
         raise HeadpruneError("no examples to score heads on")
     home = next(model.parameters()).device
-    model.to(device())
-    part = shard(dataset)
+    model.to(processes.device())
+    part = processes.shard(dataset)
 
     def batches():
         for batch in iter_batches(part, tokenizer, batch_size=batch_size, max_length=max_length):
@@ -148,11 +66,11 @@ def head_importance(
         model,
         batches(),
         method,
-        progress=progress and is_main_process(),
-        reduce=reduce,
+        progress=progress and processes.is_main_process(),
+        reduce=processes.reduce,
         total=len(part),
         **options,
     )
     model.to(home)
-    scores.provenance["processes"] = num_processes()
+    scores.provenance["processes"] = processes.num_processes()
     return scores

@@ -1,10 +1,9 @@
 """Re-evaluating a (pruned) classifier offline: accuracy, macro-F1 and any metric of
-``prune.metrics``, on one process or sharded across many (see ``prune.distributed``)."""
+``prune.metrics``, on one process or sharded across many (see ``attribution.core.processes``)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -13,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from attribution.data import iter_batches, restore_order
-from attribution.errors import HeadpruneError
-from attribution.scores import atomic_write_text
-from prune import distributed
+from attribution.core import processes
+from attribution.core.errors import HeadpruneError
+from attribution.core.io import atomic_write_text
+from attribution.core.predict import predict_logits
 from prune.metrics import compute_metrics
 
 DEFAULT_METRICS = ("accuracy", "macro_f1")
@@ -64,50 +62,6 @@ class EvalResult:
         return f"{self.model or 'model'} on {self.data}/{self.split} ({self.examples} examples): {values}"
 
 
-@torch.no_grad()
-def predict(
-    model: PreTrainedModel,
-    tokenizer: Any,
-    dataset: Any,
-    *,
-    batch_size: int = 64,
-    max_length: int = 64,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Logits ``[N, C]`` for every row of ``dataset`` in dataset order.
-
-    Under a multi-process launch each process predicts its contiguous shard (on its own device)
-    and the logits are gathered, so every process returns all ``N`` rows, each computed exactly
-    once. The model is returned to its device and train/eval mode afterwards.
-    """
-    if len(dataset) == 0:
-        raise HeadpruneError("cannot evaluate on an empty data set")
-    was_training = model.training
-    home = next(model.parameters()).device  # put the model back where the caller had it
-    model.eval()
-    dev = distributed.device()
-    model.to(dev)
-    part = distributed.shard(dataset)
-    logits, index = [], []
-    bar = tqdm(
-        total=math.ceil(len(part) / batch_size),
-        desc="evaluating",
-        leave=False,
-        disable=not (progress and distributed.is_main_process()),
-    )
-    for batch in iter_batches(part, tokenizer, batch_size=batch_size, max_length=max_length, sort_by_length=True):
-        index.append(batch.pop("index"))
-        batch.pop("labels", None)
-        logits.append(model(**{k: v.to(dev) for k, v in batch.items()}).logits.float().cpu())
-        bar.update(1)
-    bar.close()
-    model.train(was_training)
-    model.to(home)
-    classes = int(model.config.num_labels)
-    local = restore_order(torch.cat(logits), torch.cat(index)) if logits else torch.zeros(0, classes)
-    return distributed.gather_rows(local)
-
-
 def evaluate(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -126,7 +80,10 @@ def evaluate(
         raise HeadpruneError(f"the data set has no 'label' column (columns: {', '.join(dataset.column_names)})")
     compute_metrics([0], [0], metrics)  # unknown metric names fail before any work
     started = time.perf_counter()
-    logits = predict(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length, progress=progress)
+    logits = predict_logits(
+        model, tokenizer, dataset, batch_size=batch_size, max_length=max_length, progress=progress,
+        desc="evaluating", sharded=True,
+    )
     labels = torch.as_tensor(list(dataset["label"]), dtype=torch.long)
     if (labels < 0).any():
         raise HeadpruneError("the data set has unlabelled rows (label -1); evaluate on a labelled split")
@@ -138,7 +95,7 @@ def evaluate(
         data=data_name,
         split=split,
         seconds=round(time.perf_counter() - started, 3),
-        processes=distributed.num_processes(),
+        processes=processes.num_processes(),
     )
 
 
@@ -170,8 +127,8 @@ def evaluate_model(
     progress: bool = True,
 ) -> EvalResult:
     """Load ``model`` (a directory, pruned or not, or ``"default"``) and evaluate it on ``split``
-    of ``data`` (``"tweets"``, a hub name or a local file; see ``attribution.data.load_splits``)."""
-    from attribution.data import DataSpec, as_spec, load_splits
+    of ``data`` (``"tweets"``, a hub name or a local file; see ``attribution.core.data.load_splits``)."""
+    from attribution.core.data import DataSpec, as_spec, load_splits
 
     spec = as_spec(data)
     if max_length is not None:

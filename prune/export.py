@@ -27,8 +27,8 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
-from attribution.scores import atomic_output
+from attribution.core.errors import HeadpruneError
+from attribution.core.io import atomic_output
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 

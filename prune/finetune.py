@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from attribution.data import DataSpec, as_spec, iter_batches, label_names, load_splits, restore_order
-from attribution.errors import HeadpruneError
+from attribution.core.data import DataSpec, as_spec, iter_batches, label_names, load_splits
+from attribution.core.errors import HeadpruneError
+from attribution.core.predict import predict_logits
 from attribution.models import (
     DEFAULT_BASE_MODEL,
     DEFAULT_FINETUNE_CONFIG,
@@ -169,40 +170,6 @@ def resolve_model(name: str | os.PathLike, *, progress: bool = True) -> str:
         return name
     # the config's keys are finetune's parameter names (a test keeps them equal)
     return str(finetune(**DEFAULT_FINETUNE_CONFIG, progress=progress).path)
-
-
-@torch.no_grad()
-def predict_logits(
-    model: Any,
-    tokenizer: Any,
-    dataset: Any,
-    *,
-    batch_size: int = 64,
-    max_length: int = 64,
-    progress: bool = False,
-    desc: str = "predicting",
-) -> torch.Tensor:
-    """Logits [N, C] for every row of ``dataset``, in dataset order (batched by length for speed)."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    logits, index = [], []
-    total = math.ceil(len(dataset) / batch_size)
-    for batch in tqdm(
-        iter_batches(dataset, tokenizer, batch_size=batch_size, max_length=max_length, sort_by_length=True),
-        total=total,
-        desc=desc,
-        disable=not progress,
-        leave=False,
-    ):
-        index.append(batch.pop("index"))
-        batch.pop("labels", None)
-        logits.append(model(**batch).logits.float())
-    model.train(was_training)
-    if not logits:
-        raise HeadpruneError("cannot predict on an empty data set")
-    return restore_order(torch.cat(logits), torch.cat(index))
 
 
 # --------------------------------------------------------------------------------------------

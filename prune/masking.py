@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 
 HeadSet = Mapping[int, Iterable[int]] | Iterable[tuple[int, int]]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 
 
 def _as_ids(predictions: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ from typing import Any, Union
 
 import yaml
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 
 SPLITS = ("train", "validation", "test")
 _TREE_FORMATS = ("png", "pdf", "svg", "html", "txt", "json")  # attribution.tree_render.FORMATS, without importing it
@@ -96,7 +96,7 @@ def _metric_expect() -> str:
 
 @dataclass
 class DataSection:
-    """Where the examples come from (see ``attribution.data.DataSpec``)."""
+    """Where the examples come from (see ``attribution.core.data.DataSpec``)."""
 
     name: str = _field("tweets", expect="'tweets' (embedded), a hub name[:config] or a local .csv/.json/.jsonl file")
     text_column: str | None = _field(None, expect="a column name of the data set (or null to guess)")

@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from attribution import instrument
-from attribution.attattr import validate_inputs
-from attribution.errors import HeadpruneError
-from attribution.scores import atomic_write_text
+from attribution.core.errors import HeadpruneError
+from attribution.core.inputs import validate_inputs
+from attribution.core.io import atomic_write_text
 from prune.surgery import fold_head_scales
 
 

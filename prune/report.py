@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from attribution.scores import HeadScores, atomic_write_text
+from attribution.core.io import atomic_write_text
+from attribution.scores import HeadScores
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", headers, rows) | ("img", path, alt) | ("code", lang, text)
 

@@ -49,10 +49,11 @@ import torch
 from tqdm.auto import tqdm
 
 from attribution import __version__
-from attribution.data import DataSpec, encode, iter_batches, label_names, load_splits
-from attribution.errors import HeadpruneError
+from attribution.core.data import DataSpec, encode, iter_batches, label_names, load_splits
+from attribution.core.errors import HeadpruneError
+from attribution.core.io import atomic_output, atomic_write_text
 from attribution.importance import CRITERIA, make_criterion
-from attribution.scores import HeadScores, atomic_output, atomic_write_text
+from attribution.scores import HeadScores
 from prune.recipe import Recipe
 
 MARKER_FORMAT = "headprune.StageRecord"
@@ -317,7 +318,7 @@ class Pipeline:
     @cached_property
     def data_hash(self) -> dict[str, Any]:
         """The data part of every fingerprint: the spec, plus a content hash of local files."""
-        from attribution.data import tweets_csv_path
+        from attribution.core.data import tweets_csv_path
 
         spec = self.recipe.section("data")
         name = spec["name"]
@@ -712,7 +713,7 @@ class Pipeline:
         self.stage("sweep", inputs, self._sweep)
 
     def _sweep(self, fp: str) -> tuple[dict[str, Any], list[str]]:
-        from prune.finetune import predict_logits
+        from attribution.core.predict import predict_logits
         from prune.metrics import compute_metrics
         from prune.strategies import select_heads
         from prune.surgery import remove_heads

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
-from attribution.scores import HeadScores, atomic_write_text
+from attribution.core.errors import HeadpruneError
+from attribution.core.io import atomic_write_text
+from attribution.scores import HeadScores
 from prune.masking import active_heads, count_heads, mask_heads
 
 Heads = dict[int, list[int]]

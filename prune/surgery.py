@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from prune.masking import HeadSet, head_gates, model_heads
 
 KEPT_HEADS_KEY = "headprune_kept_heads"

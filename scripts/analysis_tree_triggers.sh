@@ -12,7 +12,7 @@ set -euo pipefail
 OUT="${1:-runs/analysis-tree-triggers}"
 mkdir -p "$OUT"
 
-TWEET=$(python -c "from attribution.data import load_splits; print(load_splits('tweets')['test'][1]['text'])")
+TWEET=$(python -c "from attribution.core.data import load_splits; print(load_splits('tweets')['test'][1]['text'])")
 echo "tweet: $TWEET"
 time headprune tree --model default --text "$TWEET" --steps 6 --method gausslegendre --tau 0.4 \
     --out "$OUT/tree.txt" --out "$OUT/tree.png" --out "$OUT/tree.html" --out "$OUT/tree.json"

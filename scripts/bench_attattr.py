@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.reference
 
 from attribution import AttAttr, HeadScores, head_importance  # noqa: E402
-from attribution.data import iter_batches, load_splits  # noqa: E402
+from attribution.core.data import iter_batches, load_splits  # noqa: E402
 from attribution.models import load_classifier  # noqa: E402
 from prune.finetune import resolve_model  # noqa: E402
 from tests.reference import reference_attattr  # noqa: E402

@@ -79,7 +79,7 @@ def heads_step(out: Path, examples: int) -> None:
 
 
 def timing_step(out: Path, examples: int) -> None:
-    from attribution.data import load_splits
+    from attribution.core.data import load_splits
     from attribution.models import load_classifier
     from attribution.relevance import RELEVANCE_METHODS, default_method_options, make_relevance
     from prune.finetune import resolve_model

@@ -23,10 +23,11 @@ import torch
 # Run from a checkout: make the repository importable as regular packages whatever the cwd.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attribution.data import iter_batches, load_splits
+from attribution.core.data import iter_batches, load_splits
+from attribution.core.io import atomic_write_text
 from attribution.importance import head_importance
 from attribution.models import FINETUNE_META, default_finetuned_path
-from attribution.scores import HeadScores, atomic_write_text
+from attribution.scores import HeadScores
 from prune.evaluate import evaluate, load_model
 from prune.masking import mask_heads, unmask_heads
 from prune.repair import repair

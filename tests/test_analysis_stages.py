@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from attribution.data import DataSpec, load_splits
+from attribution.core.data import DataSpec, load_splits
 from attribution.tree import AttributionTree
 from attribution.triggers import TriggerReport
 from prune.cli import main

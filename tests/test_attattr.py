@@ -7,7 +7,7 @@ import torch
 from captum.attr import IntegratedGradients
 
 from attribution import AttAttr, instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from tests.conftest import FAMILIES, pad_id, padded_batch, sharp_model, tiny_model
 from tests.reference import reference_attattr
 

@@ -64,7 +64,7 @@ def test_attribute_writes_scores_and_plot(world, tmp_path, method, capsys):
 def test_attribute_matches_python_api(world, tmp_path):
     """The CLI's batching (length-sorted) changes nothing: same scores as one call on all examples."""
     from attribution import head_importance
-    from attribution.data import iter_batches, load_splits
+    from attribution.core.data import iter_batches, load_splits
     from attribution.models import load_classifier
 
     model_dir, data = world
@@ -144,7 +144,7 @@ def test_attribute_scores_a_pruned_checkpoint(world, tmp_path):
     dense, _ = load_classifier(model_dir)
     with mask_heads(dense, heads):
         from attribution import head_importance
-        from attribution.data import iter_batches, load_splits
+        from attribution.core.data import iter_batches, load_splits
 
         split = load_splits(str(data))["train"].select(range(6))
         batch = next(iter_batches(split, tokenizer, batch_size=6))

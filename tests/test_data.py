@@ -1,4 +1,4 @@
-"""attribution.data: split loading, column handling, and padded batches."""
+"""attribution.core.data: split loading, column handling, and padded batches."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 
-from attribution.data import (
+from attribution.core.data import (
     DataSpec,
     encode,
     iter_batches,
@@ -20,7 +20,7 @@ from attribution.data import (
     restore_order,
     tweets_csv_path,
 )
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 
 WORDS = "the movie is very good great fine bad awful not a plot actor was".split()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attribution.core import processes
 from prune import distributed
 from prune.evaluate import evaluate
 from tests.conftest import tiny_model
@@ -18,12 +19,12 @@ METHODS = {"taylor": {}, "attention": {}, "attattr": {"n_steps": 3, "method": "g
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 13, 64])
-@pytest.mark.parametrize("processes", [1, 2, 3, 5])
-def test_shards_cover_every_row_exactly_once(n, processes):
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shards_cover_every_row_exactly_once(n, world):
     rows = []
     sizes = []
-    for index in range(processes):
-        start, stop = distributed.shard_bounds(n, processes, index)
+    for index in range(world):
+        start, stop = processes.shard_bounds(n, world, index)
         rows.extend(range(start, stop))
         sizes.append(stop - start)
     assert rows == list(range(n))
@@ -32,9 +33,9 @@ def test_shards_cover_every_row_exactly_once(n, processes):
 
 def test_single_process_is_identity():
     values = torch.arange(6.0).reshape(3, 2)
-    assert distributed.gather_rows(values) is values
+    assert processes.gather_rows(values) is values
     summed, count = torch.ones(2, 3, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
-    assert distributed.reduce(summed, count) == (summed, count)
+    assert processes.reduce(summed, count) == (summed, count)
 
 
 def _compute(out_dir: str) -> dict:
@@ -43,13 +44,13 @@ def _compute(out_dir: str) -> dict:
     tokenizer = tiny_tokenizer(Path(out_dir) / "tok")
     data = tiny_dataset(ROWS, seed=3)
     model = tiny_model("bert", seed=5)
-    result = {"rank": distributed.process_index(), "processes": distributed.num_processes()}
+    result = {"rank": processes.process_index(), "processes": processes.num_processes()}
     for method, options in METHODS.items():
         scores = distributed.head_importance(model, tokenizer, data, method, batch_size=4, progress=False, **options)
         result[method] = scores.values.tolist()
         result[f"{method}_examples"] = scores.provenance["examples"]
-    start, stop = distributed.shard_bounds(ROWS, result["processes"], result["rank"])
-    rows = distributed.gather_rows(torch.arange(start, stop, dtype=torch.float64)[:, None])
+    start, stop = processes.shard_bounds(ROWS, result["processes"], result["rank"])
+    rows = processes.gather_rows(torch.arange(start, stop, dtype=torch.float64)[:, None])
     result["gathered_rows"] = rows.flatten().tolist()
     evaluation = evaluate(model, tokenizer, data, metrics=("accuracy", "macro_f1"), batch_size=4)
     result["metrics"] = evaluation.metrics

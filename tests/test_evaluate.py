@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
+from attribution.core.predict import predict_logits as predict
 from attribution.scores import HeadScores
 from prune.cli import main
 from prune.commands.prune_heads import REPORT_NAME, PruneReport
-from prune.evaluate import EvalResult, evaluate, predict
+from prune.evaluate import EvalResult, evaluate
 from prune.masking import mask_heads
 from prune.metrics import accuracy, macro_f1
 from prune.surgery import load_pruned, save_pruned

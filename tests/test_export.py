@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from attribution import instrument  # noqa: E402
-from attribution.errors import HeadpruneError  # noqa: E402
+from attribution.core.errors import HeadpruneError  # noqa: E402
 from prune import export  # noqa: E402
 from prune.cli import main  # noqa: E402
 from prune.masking import mask_heads  # noqa: E402

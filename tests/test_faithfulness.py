@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from attribution.explain_html import Explanation, explain_text, merge_word_pieces
 from attribution.faithfulness import (
     BatchedPredictor,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import prune.finetune as ft
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from attribution.models import (
     DEFAULT_FINETUNE_CONFIG,
     FINETUNE_META,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attribution import CRITERIA, HeadScores, head_importance, instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from tests.conftest import padded_batch, sharp_model
 
 DECISION_HEAD = (1, 2)
@@ -139,7 +139,7 @@ def test_head_scores_round_trip_rank_and_plot(tmp_path):
 
 
 def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path):
-    from attribution.scores import atomic_output, atomic_write_text
+    from attribution.core.io import atomic_output, atomic_write_text
 
     path = tmp_path / "sub" / "scores.json"
     atomic_write_text(path, "old")

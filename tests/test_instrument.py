@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from tests.conftest import FAMILIES, pad_id, padded_batch, tiny_model
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from prune.masking import active_heads, head_gates, mask_heads, masked_heads, normalize_heads, unmask_heads
 from tests.conftest import padded_batch, tiny_model
 from tests.prune_helpers import sensitive

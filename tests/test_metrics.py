@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from prune.metrics import METRICS, accuracy, compute_metrics, confusion_matrix, macro_f1, matthews_corrcoef
 
 # 3 classes, 8 examples; confusion (rows gold, columns predicted):

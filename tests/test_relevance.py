@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from attribution.quadrature import quadrature
 from attribution.relevance import (
     RELEVANCE_METHODS,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from prune.masking import head_gates, mask_heads
 from prune.repair import RepairResult, repair
 from prune.surgery import bake_mask, remove_heads

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from attribution.scores import HeadScores
 from prune.masking import masked_heads
 from prune.strategies import (

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from attribution import instrument
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from prune.masking import mask_heads
 from prune.surgery import bake_mask, fold_head_scales, load_pruned, remove_heads, save_pruned
 from tests.conftest import FAMILIES, pad_id, padded_batch, tiny_model

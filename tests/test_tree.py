@@ -11,7 +11,7 @@ import torch
 from transformers import BertTokenizer
 
 from attribution import AttAttr
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from attribution.tree import (
     AttributionTree,
     TokenInfo,

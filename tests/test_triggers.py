@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from attribution.triggers import (
     TriggerPattern,
     TriggerReport,
@@ -220,7 +220,7 @@ def test_cli_triggers(tmp_path, monkeypatch, capsys, trained, tokenizer):
     splits = datasets.DatasetDict({"train": train, "validation": held, "test": held})
     monkeypatch.setattr("attribution.models.load_classifier", lambda name, **kw: (model, tokenizer))
     monkeypatch.setattr("prune.finetune.resolve_model", lambda name, **kw: name)
-    monkeypatch.setattr("attribution.data.load_splits", lambda spec: splits)
+    monkeypatch.setattr("attribution.core.data.load_splits", lambda spec: splits)
     out = tmp_path / "triggers.json"
     code = cli.main(["triggers", "--model", "x", "--data", "synthetic", "--examples", "60", "--steps", "3",
                      "--method", "gausslegendre", "--out", str(out), "--attack", "--top-k", "1",

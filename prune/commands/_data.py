@@ -18,7 +18,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def data_spec(args: argparse.Namespace) -> Any:
     """The ``DataSpec`` the data options describe (``max_length`` from ``--max-length``)."""
-    from attribution.data import DataSpec
+    from attribution.core.data import DataSpec
 
     return DataSpec(
         name=args.data,

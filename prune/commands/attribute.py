@@ -66,8 +66,8 @@ def criterion_options(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from attribution import head_importance
-    from attribution.data import iter_batches, load_splits
-    from attribution.errors import HeadpruneError
+    from attribution.core.data import iter_batches, load_splits
+    from attribution.core.errors import HeadpruneError
     from prune.evaluate import load_model
 
     if args.examples < 1:

@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print one line per metric (on the main process only)."""
-    from attribution.errors import HeadpruneError
-    from prune import distributed
+    from attribution.core import processes
+    from attribution.core.errors import HeadpruneError
     from prune.evaluate import evaluate_model
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         progress=not args.quiet,
     )
-    if distributed.is_main_process():
+    if processes.is_main_process():
         if args.out:
             result.save(args.out)
         processes = f" on {result.processes} processes" if result.processes > 1 else ""

@@ -38,7 +38,7 @@ def method_options(args: argparse.Namespace) -> dict[str, dict]:
     options: dict[str, dict] = {"random": {"seed": args.seed}}
     if args.steps is not None:
         if args.steps < 1:
-            from attribution.errors import HeadpruneError
+            from attribution.core.errors import HeadpruneError
 
             raise HeadpruneError(f"--steps must be at least 1, got {args.steps}")
         options["attattr"] = {"n_steps": args.steps}

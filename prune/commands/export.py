@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, check against PyTorch, print the file, the difference and (optionally) latency."""
-    from attribution.errors import HeadpruneError
+    from attribution.core.errors import HeadpruneError
     from attribution.instrument import kept_heads
     from prune.export import example_batch, export_and_check
     from prune.surgery import load_pruned

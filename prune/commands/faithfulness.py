@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attribution.data import iter_batches, load_splits
-    from attribution.errors import HeadpruneError
+    from attribution.core.data import iter_batches, load_splits
+    from attribution.core.errors import HeadpruneError
     from attribution.faithfulness import DEFAULT_FRACTIONS, faithfulness
     from attribution.models import load_classifier
     from attribution.relevance import default_method_options, parse_methods, special_token_ids
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "faithfulness.json")
-    from attribution.scores import atomic_write_text
+    from attribution.core.io import atomic_write_text
 
     atomic_write_text(out / "faithfulness.md", result.summary() + "\n")
     result.plot(out / "faithfulness.png")

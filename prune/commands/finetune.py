@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fine-tune (or reuse the cache) and print where the model is and how well it does."""
-    from attribution.data import DataSpec
+    from attribution.core.data import DataSpec
     from prune.finetune import finetune
 
     data: DataSpec | str = args.data

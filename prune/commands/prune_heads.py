@@ -42,14 +42,14 @@ class PruneReport:
     seconds: float = 0.0
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        from attribution.scores import atomic_write_text
+        from attribution.core.io import atomic_write_text
 
         atomic_write_text(path, json.dumps({"format": "headprune.PruneReport", **asdict(self)}, indent=1))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PruneReport:
-        from attribution.errors import HeadpruneError
+        from attribution.core.errors import HeadpruneError
 
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive(name: str, value: int) -> None:
-    from attribution.errors import HeadpruneError
+    from attribution.core.errors import HeadpruneError
 
     if value < 1:
         raise HeadpruneError(f"{name} must be a positive integer, got {value}")
@@ -141,8 +141,8 @@ def _positive(name: str, value: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """Select, mask, optionally repair, save; print what happened."""
     from attribution import instrument
-    from attribution.data import DataSpec, iter_batches, load_splits
-    from attribution.errors import HeadpruneError
+    from attribution.core.data import DataSpec, iter_batches, load_splits
+    from attribution.core.errors import HeadpruneError
     from attribution.importance import head_importance
     from attribution.scores import HeadScores
     from prune.evaluate import evaluate, load_model

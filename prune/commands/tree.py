@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

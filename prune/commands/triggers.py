@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 from prune.commands._data import add_data_arguments, data_spec
 
 
@@ -66,10 +66,10 @@ def triggers_stage(
 ) -> Any:
     """Mine (or load) patterns, optionally attack, save the ``TriggerReport`` to ``out``; returns it.
 
-    ``splits``: a ``DatasetDict`` from ``attribution.data.load_splits``. ``mine_options`` go to
+    ``splits``: a ``DatasetDict`` from ``attribution.core.data.load_splits``. ``mine_options`` go to
     ``mine_triggers`` (n_steps, method, pairs, batch_size, ...). Meant for the recipe runner too.
     """
-    from attribution.data import label_names
+    from attribution.core.data import label_names
     from attribution.triggers import TriggerReport, attack_triggers, mine_triggers
 
     names = label_names(splits)
@@ -97,7 +97,7 @@ def triggers_stage(
 
 
 def run(args: argparse.Namespace) -> int:
-    from attribution.data import load_splits
+    from attribution.core.data import load_splits
     from attribution.models import load_classifier
     from prune.finetune import resolve_model
 

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 and summarise the stages when the recipe is valid; errors exit 2 (one line)."""
-    from attribution.errors import HeadpruneError
+    from attribution.core.errors import HeadpruneError
     from prune.recipe import describe_schema, load_recipe
 
     if args.schema:

@@ -23,7 +23,7 @@ import datasets
 import numpy as np
 import torch
 
-from attribution.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError
 
 DEFAULT_DATA = "tweets"
 TWEETS_LABELS = ["negative", "neutral", "positive"]
