@@ -105,6 +105,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value is None:
             return None
         return _convert(value, args[0], where) if len(args) == 1 else value
+    if isinstance(tp, type) and issubclass(tp, Record):
+        return tp.from_dict(value, where)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise HeadpruneError(f"{where}: expected a mapping, got {type(value).__name__}")
