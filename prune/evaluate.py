@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
 from attribution.core import processes
 from attribution.core.errors import HeadpruneError
-from attribution.core.io import atomic_write_text
+from attribution.core.io import Record
 from attribution.core.predict import predict_logits
 from prune.metrics import compute_metrics
 
@@ -24,8 +22,12 @@ DEFAULT_METRICS = ("accuracy", "macro_f1")
 
 
 @dataclass
-class EvalResult:
-    """Metrics of one model on one split; ``examples`` rows were scored, each exactly once."""
+class EvalResult(Record):
+    """Metrics of one model on one split; ``examples`` rows were scored, each exactly once.
+    Saved as a ``headprune.EvalResult`` record."""
+
+    FORMAT: ClassVar[str] = "headprune.EvalResult"
+    VERSION: ClassVar[int] = 1
 
     metrics: dict[str, float]
     examples: int
@@ -35,27 +37,6 @@ class EvalResult:
     seconds: float = 0.0
     processes: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": "headprune.EvalResult", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
-        if not isinstance(data, dict) or data.get("format") != "headprune.EvalResult":
-            raise HeadpruneError("not a headprune EvalResult file")
-        return cls(**{k: v for k, v in data.items() if k != "format"})
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write JSON atomically; returns the path."""
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> EvalResult:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise HeadpruneError(f"evaluation file not found: {path}") from None
 
     def __str__(self) -> str:
         values = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items())
