@@ -3,24 +3,31 @@ and several processes giving what one gives."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from attribution.importance import head_importance
+from attribution.criteria import head_importance
+from attribution.core.errors import HeadpruneError
 from attribution.scores import HeadScores
+from prune.checkpoints import load_model
 from prune.cli import main
 from prune.masking import mask_heads
 from prune.metrics import compute_metrics
+from prune.pipeline import run_recipe
+from prune.pipeline.artifacts import PruneRun, StageRecord
+from prune.pipeline.context import RunContext
 from prune.recipe import load_recipe
-from prune.stages import Pipeline, StageRecord, run_recipe
 from prune.strategies import select_heads
-from prune.surgery import load_pruned
+from prune.workflow import SweepResult
 from tests.tiny_recipe import tiny_recipe
 
 CRITERIA = ["attattr", "taylor", "fisher", "attention", "random"]
@@ -46,6 +53,33 @@ EVERY_FILE = [
 ]
 STAGES = ["dense", *[f"score-{c}" for c in CRITERIA], "sweep", "prune", "cost", "export", "report"]
 
+@contextlib.contextmanager
+def logged() -> Iterator[list[str]]:
+    """The messages logged to headprune's logger inside the block."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("headprune")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def context(recipe, out) -> RunContext:
+    """A run's context on a finished run, for independent checks of its outputs."""
+    ctx = RunContext(recipe, out, progress=False)
+    ctx.model_path = str(recipe.model)
+    return ctx
+
+
 SCORE_ONLY = {"sweep": "sweep: null\n", "prune": "prune: null\n", "repair": "", "cost": "", "export": "export: null\n"}
 
 
@@ -55,8 +89,8 @@ def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
     recipe = tiny_recipe(tmp)
     out = tmp / "out"
-    lines: list[str] = []
-    result = run_recipe(load_recipe(recipe), out, progress=False, command="headprune run tiny", log=lines.append)
+    with logged() as lines:
+        result = run_recipe(load_recipe(recipe), out, progress=False, command="headprune run tiny")
     return recipe, out, result, lines
 
 
@@ -70,15 +104,15 @@ def test_tiny_recipe_produces_every_output(full_run):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and 'src="figures' not in html  # self-contained
     md = (out / "report.md").read_text()
-    for needle in ["![head-importance heatmaps](figures/heatmaps.png)", "heads kept per layer", "load_pruned(", "ONNX"]:
+    for needle in ["![head-importance heatmaps](figures/heatmaps.png)", "heads kept per layer", "load_model(", "ONNX"]:
         assert needle in md
 
 
 def test_rerun_skips_every_stage_and_touches_nothing(full_run):
     recipe, out, _, _ = full_run
     stamps = {f: (out / f).stat().st_mtime_ns for f in EVERY_FILE}
-    lines: list[str] = []
-    result = run_recipe(load_recipe(recipe), out, progress=False, command="headprune run tiny", log=lines.append)
+    with logged() as lines:
+        result = run_recipe(load_recipe(recipe), out, progress=False, command="headprune run tiny")
     assert result.ran == [] and result.skipped == STAGES
     assert sum("already done" in line and "skipped" in line for line in lines) == len(STAGES)
     assert {f: (out / f).stat().st_mtime_ns for f in EVERY_FILE if f not in ("recipe.yaml", "command.txt")} == {
@@ -88,41 +122,53 @@ def test_rerun_skips_every_stage_and_touches_nothing(full_run):
 
 def test_outputs_agree_with_independent_computations(full_run):
     recipe_path, out, _, _ = full_run
-    pipeline = Pipeline(load_recipe(recipe_path), out, progress=False)
-    pipeline._model_path = str(load_recipe(recipe_path).model)
-    dense, tokenizer = pipeline.dense
-    prune = json.loads((out / "prune.json").read_text())
+    ctx = context(load_recipe(recipe_path), out)
+    dense, tokenizer = ctx.dense
+    prune = PruneRun.load(out / "prune.json")
     # the saved model reloads with the recorded heads and gives the recorded test metrics
-    model, _ = load_pruned(out / "model")
+    model, _ = load_model(str(out / "model"))
     kept = json.loads((out / "model" / "config.json").read_text())["headprune_kept_heads"]
-    assert kept == prune["kept"] and [len(k) for k in kept] == prune["kept_per_layer"]
-    test = pipeline.rows("evaluate")
+    assert kept == prune.kept and [len(k) for k in kept] == prune.kept_per_layer
+    test = ctx.rows("evaluate")
     with torch.no_grad():
         batch = tokenizer(list(test["text"]), padding=True, truncation=True, max_length=16, return_tensors="pt")
         logits = model(**batch).logits
-    final = prune["metrics"].get("repaired", prune["metrics"]["pruned"])
+    final = prune.final_metrics
     assert compute_metrics(logits, torch.tensor(list(test["label"])), ["accuracy"])["accuracy"] == final["accuracy"]
     # a sweep point equals the *masked* dense model's accuracy on the sweep rows (removal == masking)
-    sweep = json.loads((out / "sweep.json").read_text())
-    rows = pipeline.rows("sweep")
-    point = sweep["curves"]["taylor"][1]
-    heads = select_heads(HeadScores.load(out / "scores" / "taylor.json"), sparsity=point["fraction"])
+    sweep = SweepResult.load(out / "sweep.json")
+    rows = ctx.rows("sweep")
+    point = sweep.curves["taylor"][1]
+    heads = select_heads(HeadScores.load(out / "scores" / "taylor.json"), sparsity=point.fraction)
     with mask_heads(dense, heads), torch.no_grad():
         batch = tokenizer(list(rows["text"]), padding=True, truncation=True, max_length=16, return_tensors="pt")
         masked = dense(**batch).logits
-    assert compute_metrics(masked, torch.tensor(list(rows["label"])), ["accuracy"])["accuracy"] == point["metric"]
-    # sweep rows never overlap scored rows taken from the same split
-    assert set(pipeline.rows("score")["text"]) != set() and pipeline.recipe.score.split != pipeline.recipe.sweep.split
+    assert compute_metrics(masked, torch.tensor(list(rows["label"])), ["accuracy"])["accuracy"] == point.metric
+
+
+def test_sweep_rows_never_overlap_scored_rows_of_the_same_split(tmp_path):
+    recipe = load_recipe(
+        tiny_recipe(tmp_path, **SCORE_ONLY),
+        ["score.split=validation", "score.examples=5", "sweep={split: validation, examples: 7}"],
+    )
+    ctx = context(recipe, tmp_path / "out")
+    split = ctx.splits["validation"]
+    # tag every row with its position: texts of the tiny data set may repeat
+    ctx.__dict__["splits"] = {**ctx.splits, "validation": split.add_column("row", list(range(len(split))))}
+    scored, swept = set(ctx.rows("score")["row"]), set(ctx.rows("sweep")["row"])
+    assert len(scored) == 5 and len(swept) == 7 and not scored & swept
+    # with no rows left after the scored ones, it says so instead of reusing them
+    ctx.recipe.score.examples = len(split)
+    with pytest.raises(HeadpruneError, match="no validation rows left for sweep"):
+        ctx.rows("sweep")
 
 
 def test_changed_section_reruns_only_downstream_stages(full_run, tmp_path):
     recipe, out, _, _ = full_run
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    lines: list[str] = []
-    result = run_recipe(
-        load_recipe(recipe, ["sweep.fractions=[0.5]"]), copy, progress=False, command="x", log=lines.append
-    )
+    with logged() as lines:
+        result = run_recipe(load_recipe(recipe, ["sweep.fractions=[0.5]"]), copy, progress=False, command="x")
     assert result.skipped == ["dense", *[f"score-{c}" for c in CRITERIA]]
     assert result.ran == ["sweep", "prune", "cost", "export", "report"]
     assert any("[sweep] running (inputs changed: sweep.fractions" in line for line in lines)
@@ -134,7 +180,7 @@ def test_report_ignores_files_left_by_another_recipe(full_run, tmp_path):
     reused = tmp_path / "out"
     shutil.copytree(out, reused)
     overrides = ["score.criteria=[taylor]", "sweep=null", "prune=null", "repair=null", "export=null"]
-    result = run_recipe(load_recipe(recipe, overrides), reused, progress=False, log=lambda line: None)
+    result = run_recipe(load_recipe(recipe, overrides), reused, progress=False)
     assert result.ran == ["report"]  # dense and taylor's scores are still valid
     md = (reused / "report.md").read_text()
     assert "taylor" in md and "attattr" not in md and "Pruning curves" not in md and "Dense model" in md
@@ -146,7 +192,7 @@ def test_interrupted_attribution_resumes_from_the_last_shard(tmp_path):
     overrides = [
         "score.examples=20",
         "score.shard_size=4",
-        "score.criteria={attattr: {n_steps: 3, method: gausslegendre}}",
+        "score.criteria={attattr: {n_steps: 3, integration: gausslegendre}}",
     ]
     recipe = load_recipe(recipe_path, overrides)
     out = tmp_path / "out"
@@ -156,14 +202,14 @@ def test_interrupted_attribution_resumes_from_the_last_shard(tmp_path):
             raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        run_recipe(recipe, out, progress=False, on_shard=crash_after_two, log=lambda line: None)
+        run_recipe(recipe, out, progress=False, on_shard=crash_after_two)
     shards = sorted(p.name for p in (out / "scores" / "attattr.shards").glob("shard-*.pt"))
     assert shards == ["shard-00000.pt", "shard-00001.pt"]
     assert not (out / "scores" / "attattr.json").exists() and not (out / "stages" / "score-attattr.json").exists()
 
     computed: list[int] = []
-    lines: list[str] = []
-    result = run_recipe(recipe, out, progress=False, on_shard=lambda c, k: computed.append(k), log=lines.append)
+    with logged() as lines:
+        result = run_recipe(recipe, out, progress=False, on_shard=lambda c, k: computed.append(k))
     assert computed == [2, 3, 4] and "score-attattr" in result.ran
     assert any("resuming: 2 of 5 shards already done" in line for line in lines)
     resumed = HeadScores.load(out / "scores" / "attattr.json")
@@ -171,7 +217,7 @@ def test_interrupted_attribution_resumes_from_the_last_shard(tmp_path):
     assert record.outputs["shards_reused"] == 2 and record.outputs["shards_computed"] == 3
 
     # identical to an uninterrupted run, bit for bit
-    fresh = run_recipe(recipe, tmp_path / "fresh", progress=False, log=lambda line: None)
+    fresh = run_recipe(recipe, tmp_path / "fresh", progress=False)
     assert fresh.ran[:2] == ["dense", "score-attattr"]
     uninterrupted = HeadScores.load(tmp_path / "fresh" / "scores" / "attattr.json")
     assert torch.equal(resumed.values, uninterrupted.values)
@@ -179,11 +225,10 @@ def test_interrupted_attribution_resumes_from_the_last_shard(tmp_path):
 
     # and equal to attribution.head_importance over the same rows in one go (independent reduction;
     # batches are composed differently, so float32 rounding differs)
-    pipeline = Pipeline(recipe, out, progress=False)
-    pipeline._model_path = recipe.model
-    model, _ = pipeline.dense
-    batches = list(pipeline.batches(pipeline.rows("score"), 4))
-    direct = head_importance(model, batches, "attattr", progress=False, n_steps=3, method="gausslegendre")
+    ctx = context(recipe, out)
+    model, _ = ctx.dense
+    batches = list(ctx.batches(ctx.rows("score"), 4))
+    direct = head_importance(model, batches, "attattr", progress=False, n_steps=3, integration="gausslegendre")
     torch.testing.assert_close(resumed.values, direct.values, rtol=1e-6, atol=0)
 
 
@@ -209,7 +254,7 @@ def test_two_processes_give_the_scores_and_metrics_of_one(tmp_path):
         tmp_path,
         score=(
             "score:\n  split: train\n  examples: 10\n  batch_size: 4\n  shard_size: 3\n  criteria:\n"
-            "    attattr: {n_steps: 2, method: gausslegendre}\n    fisher: {}\n"
+            "    attattr: {n_steps: 2, integration: gausslegendre}\n    fisher: {}\n"
         ),
         sweep="sweep:\n  fractions: [0.25, 0.5]\n  split: validation\n  batch_size: 8\n",
         prune="prune:\n  criterion: fisher\n  target: {fraction: 0.5}\n",
@@ -218,7 +263,7 @@ def test_two_processes_give_the_scores_and_metrics_of_one(tmp_path):
         export="export: null\n",
     )
     one = tmp_path / "one"
-    run_recipe(load_recipe(recipe), one, progress=False, log=lambda line: None)
+    run_recipe(load_recipe(recipe), one, progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
     two = tmp_path / "two"
     command = ["torchrun", "--nproc_per_node", "2", "-m", "prune.cli", "run", str(recipe), "--out", str(two), "--quiet"]
@@ -233,7 +278,4 @@ def test_two_processes_give_the_scores_and_metrics_of_one(tmp_path):
     # shards were dealt round-robin: 4 shards of 10 rows, each computed once
     assert len(list((two / "scores" / "attattr.shards").glob("shard-*.pt"))) == 4
     assert json.loads((one / "sweep.json").read_text()) == json.loads((two / "sweep.json").read_text())
-    assert (
-        json.loads((one / "prune.json").read_text())["metrics"]
-        == json.loads((two / "prune.json").read_text())["metrics"]
-    )
+    assert PruneRun.load(one / "prune.json").metrics == PruneRun.load(two / "prune.json").metrics

@@ -66,7 +66,7 @@ def tiny_recipe(tmp: Path, **sections: str) -> Path:
         "data": f"data:\n  name: {data}\n  text_column: text\n  label_column: label\n  max_length: 16\n",
         "score": (
             "score:\n  split: train\n  examples: 12\n  batch_size: 4\n  shard_size: 4\n  criteria:\n"
-            "    attattr: {n_steps: 3, method: gausslegendre}\n    taylor: {}\n    fisher: {}\n"
+            "    attattr: {n_steps: 3, integration: gausslegendre}\n    taylor: {}\n    fisher: {}\n"
             "    attention: {}\n    random: {seed: 1}\n"
         ),
         "sweep": "sweep:\n  fractions: [0.25, 0.5, 0.75]\n  split: validation\n  examples: null\n  batch_size: 8\n",

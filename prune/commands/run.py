@@ -32,14 +32,14 @@ def run(args: argparse.Namespace) -> int:
     """Validate (nothing is written on a bad recipe), run the stages, print the final table."""
     from prune.recipe import load_recipe
     from prune.report import final_table_text
-    from prune.stages import run_recipe
+    from prune.pipeline import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out or recipe.output or Path("runs") / Path(args.recipe).stem)
     command = shlex.join(["headprune", "run", args.recipe, "--out", str(out)] + [f"--set={o}" for o in args.overrides])
     result = run_recipe(recipe, out, progress=not args.quiet, force=args.force, command=command)
     if result.main:
-        table = final_table_text(out, [s.name for s in result.stages])
+        table = final_table_text(out, result.files)
         if table:
             print()
             print(table)

@@ -1,0 +1,78 @@
+"""``export``: ONNX files of the pruned (and dense) model, checked against PyTorch and timed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prune.pipeline.artifacts import ExportedModel, ExportRun
+from prune.pipeline.context import RunContext
+from prune.pipeline.stage import Stage, StageResult
+
+
+class ExportStage(Stage):
+    name = "export"
+    reads = ("prune",)
+    writes = ("export.json", "onnx/model.onnx", "onnx/dense.onnx")
+    main_only = True
+
+    @classmethod
+    def plan(cls, ctx: RunContext) -> list[Stage]:
+        export = ctx.recipe.export
+        return [cls()] if export is not None and export.onnx else []
+
+    def inputs(self, ctx: RunContext) -> dict[str, Any]:
+        recipe = ctx.recipe
+        return {
+            "export": recipe.section("export"),
+            "prune": ctx.records["prune"].fingerprint if "prune" in ctx.records else None,
+            "cost": recipe.section("cost"),
+            "evaluate": recipe.section("evaluate"),
+            **ctx.common(),
+        }
+
+    def run(self, ctx: RunContext, fingerprint: str) -> StageResult:
+        from prune.checkpoints import load_model
+        from prune.export import export_and_check
+
+        recipe = ctx.recipe
+        section = recipe.export
+        data = ctx.rows("evaluate")
+        check = list(ctx.batches(data.select(range(min(section.check_examples, len(data)))), 16, keep_labels=False))
+        repeats = recipe.cost.repeats if recipe.cost else 10
+        threads = recipe.cost.threads if recipe.cost else None
+        targets = []
+        if recipe.prune is not None:
+            targets.append(("pruned", "model.onnx"))
+        if section.dense:
+            targets.append(("dense", "dense.onnx"))
+        models: dict[str, ExportedModel] = {}
+        for label, filename in targets:
+            model = load_model(str(ctx.out / "model"), tokenizer=False)[0] if label == "pruned" else ctx.dense[0]
+            path = ctx.out / "onnx" / filename
+            exported = export_and_check(
+                model,
+                path,
+                opset=section.opset,
+                check_batches=check,
+                latency_batches=ctx.timing_batches,
+                repeats=repeats,
+                atol=section.atol,
+                threads=threads,
+            )
+            models[label] = ExportedModel(
+                path=str(path.relative_to(ctx.out)),
+                inputs=list(exported.inputs),
+                opset=exported.opset,
+                max_abs_diff=exported.max_abs_diff,
+                checked_examples=exported.checked_examples,
+                file_bytes=exported.file_bytes,
+                latency_ms={str(k): float(v) for k, v in exported.latency_ms.items()},
+                sequence_length=exported.sequence_length,
+                threads=exported.threads,
+            )
+            timing = ", ".join(f"b={b}: {ms:.1f} ms" for b, ms in exported.latency_ms.items())
+            ctx.log(
+                f"[export] {label}: {models[label].path}, max |onnx - torch| {exported.max_abs_diff:.1e}; {timing}"
+            )
+        ExportRun(models).save(ctx.out / "export.json")
+        return StageResult({}, ["export.json", *(m.path for m in models.values())])

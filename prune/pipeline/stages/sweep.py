@@ -1,0 +1,110 @@
+"""``sweep``: remove the lowest-ranked fraction of heads by each criterion and measure the metric.
+
+Points are dealt out round-robin to the processes and saved one file each
+(``sweep/<criterion>-<fraction>.json``), so a killed sweep resumes point by point; the main
+process gathers them into the curves of ``sweep.json`` (:class:`~prune.workflow.SweepResult`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from attribution.core import processes
+from attribution.core.data import encode
+from attribution.core.errors import HeadpruneError
+from attribution.core.predict import predict_logits
+from attribution.scores import HeadScores
+from prune.metrics import compute_metrics
+from prune.pipeline.artifacts import SweepPointRecord
+from prune.pipeline.context import RunContext
+from prune.pipeline.stage import Stage, StageResult
+from prune.workflow import CurvePoint, SweepResult, head_counts, sweep_point
+
+
+def _point(path: Any, fingerprint: str) -> SweepPointRecord | None:
+    try:
+        point = SweepPointRecord.load(path)
+    except HeadpruneError:
+        return None
+    return point if point.fingerprint == fingerprint else None
+
+
+class SweepStage(Stage):
+    name = "sweep"
+    reads = ("score",)
+    writes = ("sweep.json",)
+
+    @classmethod
+    def plan(cls, ctx: RunContext) -> list[Stage]:
+        return [cls()] if ctx.recipe.sweep is not None else []
+
+    def inputs(self, ctx: RunContext) -> dict[str, Any]:
+        recipe = ctx.recipe
+        return {
+            "sweep": recipe.section("sweep"),
+            "scores": {c: ctx.records[f"score-{c}"].fingerprint for c in recipe.score.criteria},
+            "score_rows": [recipe.score.split, recipe.score.examples],  # sweep rows avoid them
+            "min_heads_per_layer": recipe.prune.min_heads_per_layer if recipe.prune else 0,
+            **ctx.common(),
+        }
+
+    def run(self, ctx: RunContext, fingerprint: str) -> StageResult:
+        recipe = ctx.recipe
+        section = recipe.sweep
+        model, tokenizer = ctx.dense
+        data = encode(ctx.rows("sweep"), tokenizer, ctx.spec)
+        labels = torch.as_tensor(list(data["label"]))
+        criteria = list(recipe.score.criteria)
+        scores = {c: HeadScores.load(ctx.out / "scores" / f"{c}.json") for c in criteria}
+        minimum = recipe.prune.min_heads_per_layer if recipe.prune else 0
+
+        def measure(pruned: Any) -> float:
+            logits = predict_logits(
+                pruned, tokenizer, data, batch_size=section.batch_size, max_length=ctx.spec.max_length
+            )
+            return compute_metrics(logits, labels, [section.metric])[section.metric]
+
+        items: list[tuple[str, float]] = [("dense", 0.0)] + [(c, f) for c in criteria for f in section.fractions]
+        point_dir = ctx.out / "sweep"
+        bar = tqdm(total=len(items), desc="sweep (criterion x fraction)", unit="pt", disable=not ctx.progress)
+        for index, (criterion, fraction) in enumerate(items):
+            path = point_dir / f"{criterion}-{fraction:.4f}.json"
+            if processes.mine(index) and _point(path, fingerprint) is None:
+                if criterion == "dense":
+                    point = CurvePoint(0.0, 0, float(measure(model)))
+                else:
+                    point = sweep_point(model, scores[criterion], fraction, measure, min_per_layer=minimum)
+                SweepPointRecord(
+                    fingerprint, criterion, fraction, point.heads_removed, point.metric, point.error
+                ).save(path)
+            bar.update(1)
+        bar.close()
+        processes.barrier()
+        if not ctx.main:
+            return StageResult()
+        points = [SweepPointRecord.load(point_dir / f"{c}-{f:.4f}.json") for c, f in items]
+        _, total, _ = head_counts(model)
+        curves = {
+            c: [CurvePoint(p.fraction, p.heads_removed, p.metric, p.error) for p in points if p.criterion == c]
+            for c in criteria
+        }
+        result = SweepResult(
+            metric=section.metric,
+            split=section.split,
+            examples=len(data),
+            total_heads=total,
+            dense=points[0].metric,
+            fractions=list(section.fractions),
+            curves=curves,
+        )
+        result.save(ctx.out / "sweep.json")
+        ctx.log(f"[sweep] dense {section.metric} {result.dense:.4f} on {len(data)} {section.split} rows")
+        for c in criteria:
+            line = "  ".join(
+                f"{p.fraction:.2f}:{p.metric:.3f}" if p.metric is not None else f"{p.fraction:.2f}:-" for p in curves[c]
+            )
+            ctx.log(f"[sweep] {c:>9}  {line}")
+        return StageResult({"dense": result.dense}, ["sweep.json"])

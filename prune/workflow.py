@@ -1,0 +1,256 @@
+"""The prune workflow: the one place the CLI, the recipe pipeline and the scripts call.
+
+select -> remove -> evaluate -> repair (against the dense model) -> evaluate -> save, plus the two
+policies around it: which fraction to sweep (:func:`sweep_point`) and which criterion and fraction
+the final model takes (:func:`decide`, returning a typed :class:`PruneDecision`).
+
+Heads are always removed physically here (masking and removal give the same model; see
+``tests/test_surgery.py``), so the model that is evaluated is the model that is saved and timed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from attribution import instrument
+from attribution.core.errors import HeadpruneError
+from attribution.core.io import Record
+from attribution.scores import HeadScores
+from prune.strategies import select_heads
+
+Heads = dict[int, list[int]]
+Metrics = dict[str, float]
+# a tolerance for comparing metrics that are ratios of small integers (accuracy of N rows)
+METRIC_EPS = 1e-12
+
+
+@dataclass
+class CurvePoint:
+    """One point of a pruning curve: ``metric`` after removing ``fraction`` of all heads
+    (None with ``error`` when the fraction cannot be pruned, e.g. under ``min_per_layer``)."""
+
+    fraction: float
+    heads_removed: int | None
+    metric: float | None
+    error: str | None = None
+
+
+@dataclass
+class SweepResult(Record):
+    """Pruning curves: per criterion, the metric at each swept fraction (``sweep.json``)."""
+
+    FORMAT = "headprune.SweepResult"
+
+    metric: str
+    split: str
+    examples: int
+    total_heads: int
+    dense: float
+    fractions: list[float]
+    curves: dict[str, list[CurvePoint]]
+
+    def best_fraction(self, criterion: str, max_drop: float) -> tuple[float, float | None]:
+        """The largest swept fraction whose metric stays within ``max_drop`` of dense, and that
+        metric; ``(0.0, None)`` when none does."""
+        floor = self.dense - max_drop
+        ok = [p for p in self.curves[criterion] if p.metric is not None and p.metric >= floor - METRIC_EPS]
+        if not ok:
+            return 0.0, None
+        top = max(ok, key=lambda p: p.fraction)
+        return top.fraction, top.metric
+
+
+@dataclass
+class PruneDecision(Record):
+    """Which criterion's ranking the final model follows, which heads it loses, and why."""
+
+    FORMAT = "headprune.PruneDecision"
+
+    criterion: str
+    chosen_by: str
+    reason: str
+    removed: dict[int, list[int]]
+    candidates: list[str] | None = None
+
+    @property
+    def heads(self) -> Heads:
+        return {int(k): list(v) for k, v in self.removed.items()}
+
+
+@dataclass
+class Target:
+    """How many heads the final model loses: exactly one of the three."""
+
+    fraction: float | None = None
+    keep_per_layer: int | None = None
+    max_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("fraction", "keep_per_layer", "max_drop") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise HeadpruneError(f"choose exactly one of fraction, keep_per_layer, max_drop (got {given or 'none'})")
+
+
+def decide(
+    scores: Mapping[str, HeadScores],
+    target: Target,
+    *,
+    criterion: str = "best",
+    sweep: SweepResult | None = None,
+    min_per_layer: int = 0,
+) -> PruneDecision:
+    """The pruning policy: which criterion and how many heads.
+
+    ``criterion="best"`` picks, among the scored criteria (``random`` excluded unless it is the
+    only one), the one whose swept curve allows the largest fraction within ``target.max_drop``;
+    ties go to the higher metric, then to the order of ``scores``. ``target.max_drop`` takes the
+    largest swept fraction within the tolerance (none: the model is left unpruned).
+    """
+    candidates = [c for c in scores if c != "random"] or list(scores)
+    needs_sweep = criterion == "best" or target.max_drop is not None
+    if needs_sweep and sweep is None:
+        raise HeadpruneError("choosing the criterion or the fraction by tolerance needs a sweep")
+    tolerance = target.max_drop if target.max_drop is not None else 0.0
+    chosen_by = criterion
+    if criterion == "best":
+        assert sweep is not None
+
+        def key(name: str) -> tuple[float, float, int]:
+            fraction, metric = sweep.best_fraction(name, tolerance)
+            return (-fraction, -(metric or 0.0), candidates.index(name))
+
+        criterion = sorted(candidates, key=key)[0]
+    if criterion not in scores:
+        raise HeadpruneError(f"criterion {criterion!r} was not scored (scored: {', '.join(scores)})")
+    ranking = scores[criterion]
+    if target.fraction is not None:
+        reason = f"fixed fraction {target.fraction}"
+        heads = select_heads(ranking, sparsity=target.fraction, min_per_layer=min_per_layer)
+    elif target.keep_per_layer is not None:
+        reason = f"keep the best {target.keep_per_layer} heads of every layer"
+        heads = select_heads(ranking, keep_per_layer=target.keep_per_layer, min_per_layer=min_per_layer)
+    else:
+        assert sweep is not None
+        fraction, metric = sweep.best_fraction(criterion, tolerance)
+        if metric is None:
+            reason = (
+                f"no swept fraction keeps {sweep.metric} within {tolerance} of dense "
+                f"({sweep.dense:.4f}); the model is left unpruned"
+            )
+            heads = {}
+        else:
+            reason = (
+                f"the largest swept fraction whose {sweep.split} {sweep.metric} stays within "
+                f"{tolerance:g} of the dense model's: {metric:.4f} vs {sweep.dense:.4f}"
+            )
+            heads = select_heads(ranking, sparsity=fraction, min_per_layer=min_per_layer)
+    return PruneDecision(
+        criterion=criterion,
+        chosen_by=chosen_by,
+        reason=reason,
+        removed={int(k): list(v) for k, v in heads.items()},
+        candidates=candidates if chosen_by == "best" else None,
+    )
+
+
+def pruned_copy(model: PreTrainedModel, heads: Mapping[int, Sequence[int]]) -> PreTrainedModel:
+    """A deep copy of ``model`` with ``heads`` (original indices) physically removed."""
+    from prune.surgery import remove_heads
+
+    pruned = copy.deepcopy(model)
+    if heads:
+        remove_heads(pruned, {int(k): list(v) for k, v in heads.items()})
+    return pruned
+
+
+def sweep_point(
+    model: PreTrainedModel,
+    scores: HeadScores,
+    fraction: float,
+    measure: Callable[[PreTrainedModel], float],
+    *,
+    min_per_layer: int = 0,
+) -> CurvePoint:
+    """Remove the lowest-ranked ``fraction`` of all heads (on a copy) and ``measure`` the result."""
+    try:
+        heads = select_heads(scores, sparsity=fraction, min_per_layer=min_per_layer)
+        pruned = pruned_copy(model, heads)
+    except HeadpruneError as error:  # e.g. min_per_layer makes the fraction impossible
+        return CurvePoint(fraction, None, None, str(error))
+    return CurvePoint(fraction, sum(len(h) for h in heads.values()), float(measure(pruned)))
+
+
+@dataclass
+class PruneOutcome:
+    """What :func:`prune_and_repair` did: the pruned (and maybe repaired) model and its metrics
+    (``"pruned"`` and, with repair, ``"repaired"``)."""
+
+    model: PreTrainedModel
+    removed: Heads
+    metrics: dict[str, Metrics] = field(default_factory=dict)
+    repair: Any = None  # prune.repair.RepairResult when repaired
+
+    @property
+    def final_metrics(self) -> Metrics:
+        return self.metrics.get("repaired", self.metrics.get("pruned", {}))
+
+
+def prune_and_repair(
+    dense: PreTrainedModel,
+    heads: Mapping[int, Sequence[int]],
+    *,
+    evaluate: Callable[[PreTrainedModel], Metrics] | None = None,
+    calibration: Iterable[dict[str, torch.Tensor]] | None = None,
+    progress: bool = False,
+) -> PruneOutcome:
+    """Remove ``heads`` from a copy of ``dense``, evaluate, repair against ``dense`` on the
+    ``calibration`` batches (when given and something was removed), evaluate again.
+
+    ``evaluate`` maps a model to its metrics (every process of a multi-process run must call it).
+    """
+    model = pruned_copy(dense, heads)
+    outcome = PruneOutcome(model, {int(k): list(v) for k, v in heads.items() if v})
+    if evaluate is not None:
+        outcome.metrics["pruned"] = evaluate(model)
+    if calibration is not None and outcome.removed:
+        from prune.repair import repair
+
+        outcome.repair = repair(model, list(calibration), dense=dense, progress=progress)
+        if evaluate is not None:
+            outcome.metrics["repaired"] = evaluate(model)
+    return outcome
+
+
+def save_checked(
+    model: PreTrainedModel,
+    directory: str | Path,
+    tokenizer: Any,
+    probe: Mapping[str, torch.Tensor],
+    *,
+    atol: float = 1e-4,
+) -> float:
+    """Save a pruned checkpoint and prove it reloads into the same model: the largest logit
+    difference on ``probe`` (a tokenizer batch); more than ``atol`` raises."""
+    from prune.checkpoints import load_model, save_pruned
+
+    save_pruned(model, directory, tokenizer)
+    reloaded, _ = load_model(str(directory), tokenizer=False)
+    with torch.no_grad():
+        diff = (reloaded(**probe).logits - model(**probe).logits).abs().max().item()
+    if diff > atol:
+        raise HeadpruneError(f"the saved pruned model does not reload identically (logits differ by {diff:.3g})")
+    return diff
+
+
+def head_counts(model: PreTrainedModel) -> tuple[int, int, list[list[int]]]:
+    """``(heads removed, heads originally, kept heads per layer)`` of a (pruned) model."""
+    kept = instrument.kept_heads(model)
+    total = len(kept) * instrument.original_num_heads(model)
+    return total - sum(len(k) for k in kept), total, kept
