@@ -254,3 +254,183 @@ def head_counts(model: PreTrainedModel) -> tuple[int, int, list[list[int]]]:
     kept = instrument.kept_heads(model)
     total = len(kept) * instrument.original_num_heads(model)
     return total - sum(len(k) for k in kept), total, kept
+
+
+# --------------------------------------------------------------------------------------------
+# Pruning a checkpoint from a scores file (``headprune prune``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PruneReport(Record):
+    """What :func:`prune_checkpoint` did; saved as ``prune_report.json`` beside the pruned weights."""
+
+    FORMAT = "headprune.PruneReport"
+    VERSION = 2  # version 1 called the criterion "method"
+
+    model: str
+    scores: str
+    criterion: str
+    strategy: dict[str, Any]
+    removed: dict[int, list[int]]
+    kept: list[list[int]]
+    heads_before: int
+    heads_after: int
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    repair: dict[str, Any] | None = None
+    iterative: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+REPORT_NAME = "prune_report.json"
+
+
+def prune_checkpoint(
+    model_name: str,
+    scores_path: str | Path,
+    out: str | Path,
+    *,
+    sparsity: float | None = None,
+    count: int | None = None,
+    keep_per_layer: int | None = None,
+    iterative: bool = False,
+    tolerance: float = 0.01,
+    step: float = 0.1,
+    min_per_layer: int = 0,
+    repair: bool = False,
+    evaluate: bool = False,
+    data: str = "tweets",
+    metric: str = "accuracy",
+    eval_split: str = "validation",
+    eval_examples: int = 1000,
+    score_examples: int = 200,
+    calibration_examples: int = 256,
+    batch_size: int = 32,
+    max_length: int = 64,
+    progress: bool = True,
+) -> PruneReport:
+    """Choose heads from a scores file (a fraction, a count, the best K per layer, or Michel et
+    al.'s iterative pruning within ``tolerance``), remove them, optionally repair, measure, save.
+
+    The metric is measured on the first ``eval_examples`` rows of ``eval_split`` when asked
+    (``evaluate``), and always with ``iterative`` or ``repair``; repair calibrates on the first
+    ``calibration_examples`` training rows. Writes a checkpoint (:func:`prune.checkpoints.load_model`
+    reloads it) plus ``prune_report.json`` into ``out``.
+    """
+    import time
+
+    from attribution.core.data import DataSpec, iter_batches, load_splits
+    from prune.checkpoints import load_model, save_pruned
+    from prune.evaluate import evaluate as evaluate_metrics
+    from prune.metrics import compute_metrics
+    from prune.strategies import check_scores
+
+    started = time.perf_counter()
+    for name, value in (("eval_examples", eval_examples), ("score_examples", score_examples),
+                        ("calibration_examples", calibration_examples), ("batch_size", batch_size)):
+        if value < 1:
+            raise HeadpruneError(f"{name} must be a positive integer, got {value}")
+    compute_metrics([0], [0], [metric])  # an unknown metric fails before any work
+    scores = HeadScores.load(scores_path)
+    dense, tokenizer = load_model(model_name, progress=progress)
+    check_scores(scores, dense)
+    _, _, kept_before = head_counts(dense)
+    measured = evaluate or iterative or repair
+    splits = load_splits(DataSpec(name=data, max_length=max_length)) if measured else None
+    eval_set = None
+    if splits is not None:
+        if eval_split not in splits:
+            raise HeadpruneError(f"no split {eval_split!r} in {data}")
+        eval_set = splits[eval_split].select(range(min(eval_examples, len(splits[eval_split]))))
+
+    def metric_of(m: PreTrainedModel) -> float:
+        result = evaluate_metrics(m, tokenizer, eval_set, metrics=[metric], batch_size=64, max_length=max_length)
+        return result.metrics[metric]
+
+    metrics: dict[str, Metrics] = {}
+    strategy: dict[str, Any]
+    history = None
+    if iterative:
+        heads, history = _iterative(dense, tokenizer, scores, splits, metric_of, tolerance=tolerance, step=step,
+                                    min_per_layer=min_per_layer, score_examples=score_examples,
+                                    max_length=max_length, progress=progress)
+        metrics["dense"] = {metric: history.dense_metric}
+        strategy = {"iterative": True, "tolerance": tolerance, "step": step}
+    else:
+        heads = select_heads(scores, sparsity=sparsity, count=count, keep_per_layer=keep_per_layer,
+                             min_per_layer=min_per_layer, present=kept_before)
+        chosen = {"sparsity": sparsity, "count": count, "keep_per_layer": keep_per_layer}
+        strategy = {k: v for k, v in chosen.items() if v is not None}
+    strategy["min_per_layer"] = min_per_layer
+    if evaluate and "dense" not in metrics:
+        metrics["dense"] = {metric: metric_of(dense)}
+    calibration = None
+    if repair:
+        rows = splits["train"].select(range(min(calibration_examples, len(splits["train"]))))
+        calibration = [
+            {k: v for k, v in b.items() if k not in ("index", "labels")}
+            for b in iter_batches(rows, tokenizer, batch_size=batch_size, max_length=max_length)
+        ]
+    outcome = prune_and_repair(
+        dense,
+        heads,
+        evaluate=(lambda m: {metric: metric_of(m)}) if measured else None,
+        calibration=calibration,
+        progress=progress,
+    )
+    metrics.update(outcome.metrics)
+    directory = save_pruned(outcome.model, out, tokenizer)
+    removed, _, kept = head_counts(outcome.model)
+    report = PruneReport(
+        model=model_name,
+        scores=str(scores_path),
+        criterion=scores.criterion,
+        strategy=strategy,
+        removed={layer: sorted(h) for layer, h in outcome.removed.items()},
+        kept=kept,
+        heads_before=sum(len(k) for k in kept_before),
+        heads_after=sum(len(k) for k in kept),
+        metrics=metrics,
+        repair=outcome.repair.to_dict() if outcome.repair is not None else None,
+        iterative=history.to_dict() if history is not None else None,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    report.save(directory / REPORT_NAME)
+    return report
+
+
+def _iterative(
+    dense: PreTrainedModel,
+    tokenizer: Any,
+    scores: HeadScores,
+    splits: Any,
+    metric_of: Callable[[PreTrainedModel], float],
+    *,
+    tolerance: float,
+    step: float,
+    min_per_layer: int,
+    score_examples: int,
+    max_length: int,
+    progress: bool,
+) -> tuple[Heads, Any]:
+    """Michel et al.'s iterative pruning, re-scoring the masked model with the scores' criterion
+    and options on the first ``score_examples`` validation rows."""
+    from attribution.core.data import iter_batches
+    from attribution.criteria import head_importance
+    from prune.strategies import iterative_pruning
+
+    score_set = splits["validation"].select(range(min(score_examples, len(splits["validation"]))))
+    options = dict(scores.provenance.get("options", {}))
+
+    def score_fn(m: PreTrainedModel) -> HeadScores:
+        batches = (
+            {k: v for k, v in b.items() if k != "index"}
+            for b in iter_batches(score_set, tokenizer, batch_size=16, max_length=max_length)
+        )
+        return head_importance(m, batches, scores.criterion, progress=False, **options)
+
+    result = iterative_pruning(dense, score_fn, metric_of, step=step, tolerance=tolerance,
+                               min_per_layer=min_per_layer, progress=progress)
+    if not result.heads:
+        raise HeadpruneError(f"no head could be removed within tolerance {tolerance} ({result.stopped_because})")
+    return result.heads, result

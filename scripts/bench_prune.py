@@ -13,7 +13,6 @@ measured one. Not a timed test: run it by hand on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -25,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attribution.core.data import iter_batches, load_splits
 from attribution.core.io import atomic_write_text
-from attribution.importance import head_importance
-from attribution.models import FINETUNE_META, default_finetuned_path
+from attribution.criteria import head_importance
 from attribution.scores import HeadScores
+from prune.checkpoints import load_model
 from prune.cost import (
     compare_costs,
     cost_report,
@@ -36,9 +35,10 @@ from prune.cost import (
     mean_token_length,
     measure_latency,
 )
-from prune.evaluate import evaluate, load_model
+from prune.evaluate import evaluate
+from prune.finetune import FINETUNE_META, default_finetuned_path
 from prune.strategies import check_scores, select_global
-from prune.surgery import remove_heads
+from prune.workflow import pruned_copy
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,10 +71,9 @@ def main() -> int:
         batches = ({k: v for k, v in b.items() if k != "index"} for b in iter_batches(validation, tokenizer))
         scores = head_importance(dense, batches, "taylor", total=200)
     check_scores(scores, dense)
-    pruned = copy.deepcopy(dense)
     heads = select_global(scores, sparsity=args.sparsity)
-    remove_heads(pruned, heads)
-    print(f"removed {sum(len(v) for v in heads.values())} heads ({scores.method} ranking); "
+    pruned = pruned_copy(dense, heads)
+    print(f"removed {sum(len(v) for v in heads.values())} heads ({scores.criterion} ranking); "
           f"heads per layer: {[len(k) for k in pruned.config.headprune_kept_heads]}")
 
     length = mean_token_length(test, tokenizer)

@@ -2,7 +2,7 @@
 """Accuracy of the fine-tuned default classifier as heads are pruned, per ranking method.
 
 For each head ranking (attattr, taylor, attention, random) scored on the first 200 validation
-tweets, mask the globally lowest 10%, 20%, ..., 90% of the heads (no repair) and measure accuracy
+tweets, remove the globally lowest 10%, 20%, ..., 90% of the heads (no repair) and measure accuracy
 and macro-F1 on the 2,000 test tweets; then, at 50%, the same with least-squares repair
 (calibration: 256 training tweets). Scores and results are cached in --out, so a rerun only
 computes what is missing. One process, one measurement at a time (the machine is shared).
@@ -25,16 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attribution.core.data import iter_batches, load_splits
 from attribution.core.io import atomic_write_text
-from attribution.importance import head_importance
-from attribution.models import FINETUNE_META, default_finetuned_path
+from attribution.criteria import head_importance
 from attribution.scores import HeadScores
-from prune.evaluate import evaluate, load_model
-from prune.masking import mask_heads, unmask_heads
-from prune.repair import repair
+from prune.checkpoints import load_model
+from prune.evaluate import evaluate
+from prune.finetune import FINETUNE_META, default_finetuned_path
 from prune.strategies import select_global
+from prune.workflow import prune_and_repair
 
 METHODS = {
-    "attattr": {"n_steps": 4, "method": "gausslegendre"},  # GL-4: ~0.03% completeness error (DESIGN §3)
+    "attattr": {"n_steps": 4, "integration": "gausslegendre"},  # GL-4: ~0.03% completeness error (DESIGN §3)
     "taylor": {},
     "attention": {},
     "random": {"seed": 0},
@@ -88,12 +88,16 @@ def main() -> int:
         }
     )
 
-    def accuracy_now() -> dict[str, float]:
-        return evaluate(model, tokenizer, test, metrics=("accuracy", "macro_f1"), batch_size=64).metrics
+    def metrics_of(m) -> dict[str, float]:
+        return evaluate(m, tokenizer, test, metrics=("accuracy", "macro_f1"), batch_size=64).metrics
 
+    calibration_batches = [
+        {k: v for k, v in b.items() if k not in ("index", "labels")}
+        for b in iter_batches(calibration, tokenizer, batch_size=32)
+    ]
     if "dense" not in results:
         started = time.perf_counter()
-        results["dense"] = accuracy_now()
+        results["dense"] = metrics_of(model)
         results["dense_seconds"] = round(time.perf_counter() - started, 1)
         save()
     print(f"dense: {results['dense']}", flush=True)
@@ -118,24 +122,18 @@ def main() -> int:
                     continue
                 started = time.perf_counter()
                 heads = select_global(scores, sparsity=sparsity)
-                mask_heads(model, heads)
                 row = {"method": method, "sparsity": sparsity, "repair": with_repair,
                        "heads_pruned": sum(len(v) for v in heads.values())}
-                try:
-                    if with_repair:
-                        batches = [
-                            {k: v for k, v in b.items() if k not in ("index", "labels")}
-                            for b in iter_batches(calibration, tokenizer, batch_size=32)
-                        ]
-                        fixed = repair(model, batches, progress=False)
-                        row["repair_relative_error"] = {
-                            str(r.layer): [round(r.relative_before, 4), round(r.relative_after, 4)]
-                            for r in fixed.layers
-                        }
-                        row["repair_seconds"] = fixed.seconds
-                    row.update(accuracy_now())
-                finally:
-                    unmask_heads(model)
+                outcome = prune_and_repair(  # heads removed from a copy; repaired against the dense model
+                    model, heads, evaluate=metrics_of, calibration=calibration_batches if with_repair else None
+                )
+                if outcome.repair is not None:
+                    row["repair_relative_error"] = {
+                        str(r.layer): [round(r.relative_before, 4), round(r.relative_after, 4)]
+                        for r in outcome.repair.layers
+                    }
+                    row["repair_seconds"] = outcome.repair.seconds
+                row.update(outcome.final_metrics)
                 row["seconds"] = round(time.perf_counter() - started, 1)
                 results["rows"].append(row)
                 save()
@@ -153,7 +151,7 @@ def write_table(results: dict, out: Path) -> None:
     sparsities = sorted({r["sparsity"] for r in rows})
     acc = {(r["method"], r["sparsity"]): r["accuracy"] for r in rows}
     lines = [
-        f"Accuracy on {results['test_examples']} test tweets, heads masked (no repair); dense "
+        f"Accuracy on {results['test_examples']} test tweets, heads removed (no repair); dense "
         f"{results['dense']['accuracy']:.4f}",
         "",
         "| heads pruned | " + " | ".join(methods) + " |",
@@ -172,12 +170,10 @@ def write_table(results: dict, out: Path) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     rows = [r for r in results["rows"] if not r["repair"]]
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["method"] == method)
@@ -185,11 +181,10 @@ def plot(results: dict, path: Path) -> None:
     ax.axhline(results["dense"]["accuracy"], color="gray", linestyle="--", label="dense")
     ax.set_xlabel("heads pruned (%)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("MiniLM-L6 tweets: accuracy vs heads pruned (masked, no repair)")
+    ax.set_title("MiniLM-L6 tweets: accuracy vs heads pruned (removed, no repair)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

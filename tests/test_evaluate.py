@@ -12,12 +12,12 @@ from attribution import instrument
 from attribution.core.errors import HeadpruneError
 from attribution.core.predict import predict_logits as predict
 from attribution.scores import HeadScores
+from prune.checkpoints import load_model, save_pruned
 from prune.cli import main
-from prune.commands.prune_heads import REPORT_NAME, PruneReport
+from prune.workflow import REPORT_NAME, PruneReport
 from prune.evaluate import EvalResult, evaluate
 from prune.masking import mask_heads
 from prune.metrics import accuracy, macro_f1
-from prune.surgery import load_pruned, save_pruned
 from tests.conftest import tiny_model
 from tests.prune_helpers import sensitive, tiny_dataset, tiny_tokenizer
 
@@ -60,11 +60,11 @@ def test_masked_and_saved_pruned_models_evaluate_alike(model, tokenizer, tmp_pat
         masked = evaluate(model, tokenizer, data).metrics
         expected_logits = predict(model, tokenizer, data)
     path = save_pruned(model, tmp_path / "p", tokenizer)  # dense copy: heads unmasked again
-    loaded, loaded_tok = load_pruned(path)
+    loaded, loaded_tok = load_model(path)
     assert instrument.heads_per_layer(loaded) == [4, 4, 4]
     with mask_heads(model, heads):
         path = save_pruned(model, tmp_path / "p2", tokenizer)
-    loaded, loaded_tok = load_pruned(path)
+    loaded, loaded_tok = load_model(path)
     assert instrument.heads_per_layer(loaded) == [2, 4, 1]
     torch.testing.assert_close(predict(loaded, loaded_tok, data), expected_logits, atol=1e-5, rtol=0)
     assert evaluate(loaded, loaded_tok, data).metrics == masked
@@ -122,7 +122,7 @@ def test_cli_prune_sparsity_with_repair_and_evaluation(workspace, capsys):
     assert report.removed == {0: [0, 1, 2, 3], 1: [2, 3]}
     assert report.heads_after == 6 and set(report.metrics) == {"dense", "pruned", "repaired"}
     assert report.repair is not None and [r["layer"] for r in report.repair["layers"]] == [1]
-    loaded, _ = load_pruned(out)
+    loaded, _ = load_model(out)
     assert instrument.kept_heads(loaded) == [[], [0, 1], [0, 1, 2, 3]]
     assert "removed 6 heads" in capsys.readouterr().out
 
@@ -176,6 +176,6 @@ def test_cli_prune_iterative(workspace, capsys):
     # 25% of 12 heads per round, never the last head
     assert all(r["pruned"] == min(3 * (i + 1), 11) for i, r in enumerate(history))
     assert report.metrics["pruned"]["accuracy"] >= report.metrics["dense"]["accuracy"] * 0.5
-    loaded, _ = load_pruned(out)
+    loaded, _ = load_model(out)
     assert sum(instrument.heads_per_layer(loaded)) == 12 - len(sum(report.removed.values(), []))
     assert "iterative:" in capsys.readouterr().out

@@ -19,9 +19,9 @@ class FinetuneStage(Stage):
     def plan(cls, ctx: RunContext) -> list[Stage]:
         recipe = ctx.recipe
         if recipe.finetune is None and recipe.model != "default":
-            from prune.checkpoints import resolve_name
+            from prune.checkpoints import resolve_model
 
-            ctx.model_path = resolve_name(recipe.model)
+            ctx.model_path = resolve_model(recipe.model)
             ctx.log(f"[model] {recipe.model} -> {ctx.model_path}")
             return []
         return [cls()]
@@ -36,7 +36,8 @@ class FinetuneStage(Stage):
 
     def run(self, ctx: RunContext, fingerprint: str) -> StageResult:
         from attribution.core.io import read_json
-        from prune.finetune import FINETUNE_META, finetune, resolve_model
+        from prune.checkpoints import resolve_model
+        from prune.finetune import FINETUNE_META, finetune
 
         recipe = ctx.recipe
         if recipe.finetune is None:
