@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+from collections.abc import Callable
 
 from attribution.core.errors import HeadpruneError
+from attribution.core.log import get_logger
 
 # name -> (module, one-line help); each module has add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="headprune",
         description="Find which attention heads of a BERT-like encoder matter, show why, and remove the rest.",
     )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        dest="global_quiet",
+        action="store_true",
+        help="only warnings and errors: no progress messages or bars (as each command's --quiet)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -38,26 +48,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """transformers' load reports and weight-loading bars drown headprune's own output."""
+class _ConsoleHandler(logging.Handler):
+    """Plain messages: INFO and below on stdout (where headprune's progress lines have always
+    gone), warnings and errors on stderr. The streams are looked up at every message, so a
+    redirected ``sys.stdout`` (pytest's capsys, a notebook) is honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # logging's contract: report, never raise
+            self.handleError(record)
+
+
+def _quiet_libraries() -> Callable[[], None]:
+    """transformers' load reports and weight-loading bars drown headprune's own output. Returns a
+    function that restores transformers' previous settings (``main`` may be called from Python)."""
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    hf_logging = transformers.utils.logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    def restore() -> None:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+    return restore
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command. Messages of the ``headprune`` logger are shown while it runs (INFO and up;
+    WARNING and up with ``--quiet``); the handler and the previous log settings are removed and
+    restored on return, so repeated calls neither duplicate nor leak output."""
+    restore_libraries = _quiet_libraries()
+    logger = get_logger()
+    previous_level = logger.level
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
-        return int(args._run(args) or 0)
-    except HeadpruneError as error:
-        print(f"headprune: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("headprune: interrupted", file=sys.stderr)
-        return 130
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.global_quiet and hasattr(args, "quiet"):
+            args.quiet = True  # the command's own --quiet: no progress bars either
+        if args.global_quiet or getattr(args, "quiet", False):
+            logger.setLevel(logging.WARNING)
+        try:
+            return int(args._run(args) or 0)
+        except HeadpruneError as error:
+            print(f"headprune: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("headprune: interrupted", file=sys.stderr)
+            return 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+        restore_libraries()
 
 
 if __name__ == "__main__":

@@ -16,15 +16,13 @@ see the same machine load. Masked heads still cost their FLOPs; only removed hea
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -32,14 +30,17 @@ from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
-from attribution.core.io import atomic_write_text
+from attribution.core.io import Record
 
 
 @dataclass
-class CostReport:
+class CostReport(Record):
     """Costs of one model. ``latency_ms`` maps a batch size (as a string, for JSON) to the median
     milliseconds per forward pass; ``attention_flops`` and ``total_flops`` are per example at
-    ``mean_length`` tokens."""
+    ``mean_length`` tokens. Saved as a ``headprune.CostReport`` record."""
+
+    FORMAT: ClassVar[str] = "headprune.CostReport"
+    VERSION: ClassVar[int] = 1
 
     model: str
     heads: int
@@ -54,27 +55,6 @@ class CostReport:
     file_bytes: int | None = None
     threads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": "headprune.CostReport", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CostReport:
-        if not isinstance(data, dict) or data.get("format") != "headprune.CostReport":
-            raise HeadpruneError("not a headprune CostReport file")
-        return cls(**{k: v for k, v in data.items() if k != "format"})
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write JSON atomically; returns the path."""
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> CostReport:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise HeadpruneError(f"cost report not found: {path}") from None
 
 
 def _dims(model: PreTrainedModel) -> tuple[int, int, int, int]:
@@ -109,7 +89,7 @@ def attention_params(model: PreTrainedModel) -> int:
 
 def file_bytes(model: PreTrainedModel) -> int:
     """Size of the safetensors weights ``save_pruned`` writes for ``model``."""
-    from prune.surgery import save_pruned
+    from prune.checkpoints import save_pruned
 
     with tempfile.TemporaryDirectory() as tmp:
         path = save_pruned(model, Path(tmp) / "model")

@@ -19,27 +19,31 @@ import os
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
-from attribution.core.io import atomic_output
+from attribution.core.io import Record, atomic_output
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass
-class OnnxExport:
-    """Where the ONNX file is and how faithful and fast it is.
+class OnnxExport(Record):
+    """Where the ONNX file is and how faithful and fast it is (a ``headprune.OnnxExport`` record).
 
     ``max_abs_diff``: largest |ONNX − PyTorch| logit over the check batches; ``latency_ms``: batch
-    size -> median milliseconds per forward pass in onnxruntime.
+    size -> median milliseconds per forward pass in onnxruntime (string keys in ``to_dict``, as in
+    JSON; ``from_dict`` turns them back into integers).
     """
+
+    FORMAT: ClassVar[str] = "headprune.OnnxExport"
+    VERSION: ClassVar[int] = 1
 
     path: str
     inputs: list[str]
@@ -50,9 +54,6 @@ class OnnxExport:
     latency_ms: dict[int, float] = field(default_factory=dict)
     sequence_length: int = 0
     threads: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class _LogitsOnly(torch.nn.Module):

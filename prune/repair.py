@@ -24,13 +24,10 @@ reconstruction error on the calibration data; a numerically worse solve falls ba
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -39,8 +36,11 @@ from transformers import PreTrainedModel
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
 from attribution.core.inputs import validate_inputs
-from attribution.core.io import atomic_write_text
+from attribution.core.io import Record
+from attribution.core.log import get_logger
 from prune.surgery import fold_head_scales
+
+log = get_logger("repair")
 
 
 @dataclass
@@ -48,7 +48,8 @@ class LayerRepair:
     """One repaired layer: surviving ``heads`` (original indices), the ``scales`` applied to them,
     and the attention-output reconstruction error (mean squared error per element over the
     calibration tokens) without and with the scales; ``target_energy`` is the mean square of the
-    dense output (minus bias), for relative errors."""
+    dense output (minus bias), for relative errors. Stored inside a ``RepairResult`` record (not a
+    file of its own, so its JSON has no format tag)."""
 
     layer: int
     heads: list[int]
@@ -68,8 +69,12 @@ class LayerRepair:
 
 
 @dataclass
-class RepairResult:
-    """What ``repair`` did: per-layer scales and errors, and the metric before/after if measured."""
+class RepairResult(Record):
+    """What ``repair`` did: per-layer scales and errors, and the metric before/after if measured.
+    Saved as a ``headprune.RepairResult`` record (``save``/``load``, ``to_dict``/``from_dict``)."""
+
+    FORMAT: ClassVar[str] = "headprune.RepairResult"
+    VERSION: ClassVar[int] = 1
 
     layers: list[LayerRepair]
     examples: int
@@ -78,31 +83,6 @@ class RepairResult:
     metric_before: dict[str, float] | None = None
     metric_after: dict[str, float] | None = None
     options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["format"] = "headprune.RepairResult"
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RepairResult:
-        if not isinstance(data, dict) or data.get("format") != "headprune.RepairResult":
-            raise HeadpruneError("not a headprune RepairResult file")
-        data = {k: v for k, v in data.items() if k != "format"}
-        data["layers"] = [LayerRepair(**layer) for layer in data["layers"]]
-        return cls(**data)
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write JSON atomically; returns the path."""
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> RepairResult:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise HeadpruneError(f"repair file not found: {path}") from None
 
     def summary(self) -> str:
         lines = []
@@ -272,6 +252,7 @@ def repair(
         scales = torch.linalg.lstsq(system, rhs[:, None], driver="gelsd").solution[:, 0]
         before, after = _error(ones, gram, rhs, energy), _error(scales, gram, rhs, energy)
         if not torch.isfinite(scales).all() or after > before:
+            log.debug("layer %d: the least-squares scales do not lower the error; keeping 1", layer)
             scales, after = ones, before
         elements = tokens * weight.shape[0]
         full = torch.ones(len(kept), dtype=torch.float64)
@@ -284,16 +265,19 @@ def repair(
         else:
             fold_head_scales(model, layer, full)
             applied = "weights"
-        results.append(
-            LayerRepair(
-                layer=layer,
-                heads=[kept[p] for p in active],
-                scales=[float(x) for x in scales],
-                error_before=before / elements,
-                error_after=after / elements,
-                target_energy=float(energy) / elements,
-                applied_as=applied,
-            )
+        record = LayerRepair(
+            layer=layer,
+            heads=[kept[p] for p in active],
+            scales=[float(x) for x in scales],
+            error_before=before / elements,
+            error_after=after / elements,
+            target_energy=float(energy) / elements,
+            applied_as=applied,
+        )
+        results.append(record)
+        log.debug(
+            "repaired layer %d (%d heads, as %s): relative error %.4f -> %.4f",
+            layer, n, applied, record.relative_before, record.relative_after,
         )
     metric_after = measure()
     model.train(was_training)

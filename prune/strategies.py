@@ -15,12 +15,9 @@ never chosen again; ties are broken by position (lower layer, then lower head, g
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -28,11 +25,14 @@ from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
-from attribution.core.io import atomic_write_text
+from attribution.core.io import Record
+from attribution.core.log import get_logger
 from attribution.scores import HeadScores
 from prune.masking import active_heads, count_heads, mask_heads
 
 Heads = dict[int, list[int]]
+
+log = get_logger("strategies")
 
 
 def check_scores(scores: HeadScores, model_or_shape: PreTrainedModel | tuple[int, int]) -> None:
@@ -176,7 +176,8 @@ def select_heads(
 
 @dataclass
 class IterationRecord:
-    """One round: ``pruned`` heads masked in total after it, their fraction and the metric."""
+    """One round: ``pruned`` heads masked in total after it, their fraction and the metric. Stored
+    inside an ``IterativeResult`` record (not a file of its own, so its JSON has no format tag)."""
 
     round: int
     pruned: int
@@ -187,9 +188,14 @@ class IterationRecord:
 
 
 @dataclass
-class IterativeResult:
+class IterativeResult(Record):
     """Outcome of ``iterative_pruning``: ``heads`` is the largest accepted head set (original
-    indices), ``threshold = dense_metric * (1 - tolerance)``."""
+    indices), ``threshold = dense_metric * (1 - tolerance)``. A ``headprune.IterativeResult``
+    record; layer keys of head sets are strings in ``to_dict`` (as in JSON), integers again after
+    ``from_dict``."""
+
+    FORMAT: ClassVar[str] = "headprune.IterativeResult"
+    VERSION: ClassVar[int] = 1
 
     heads: Heads
     dense_metric: float
@@ -199,33 +205,6 @@ class IterativeResult:
     step: float
     history: list[IterationRecord] = field(default_factory=list)
     stopped_because: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["format"] = "headprune.IterativeResult"
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IterativeResult:
-        if data.get("format") != "headprune.IterativeResult":
-            raise HeadpruneError("not a headprune IterativeResult file")
-        data = {k: v for k, v in data.items() if k != "format"}
-        data["heads"] = {int(k): v for k, v in data["heads"].items()}
-        data["history"] = [
-            IterationRecord(**{**r, "heads": {int(k): v for k, v in r["heads"].items()}}) for r in data["history"]
-        ]
-        return cls(**data)
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> IterativeResult:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise HeadpruneError(f"file not found: {path}") from None
 
 
 def iterative_pruning(
@@ -292,6 +271,10 @@ def iterative_pruning(
         pruned = count_heads(candidate) + (total - sum(instrument.heads_per_layer(model)))
         ok = metric >= threshold
         history.append(IterationRecord(round_index, pruned, pruned / total, metric, ok, candidate))
+        log.debug(
+            "iterative pruning round %d: %d heads pruned (%.1f%%), metric %.4f, %s",
+            round_index, pruned, 100 * pruned / total, metric, "accepted" if ok else "rejected",
+        )
         bar.update(1)
         bar.set_postfix(pruned=pruned, metric=f"{metric:.4f}")
         if not ok:
@@ -299,6 +282,7 @@ def iterative_pruning(
             break
         accepted, final_metric = candidate, metric
     bar.close()
+    log.debug("iterative pruning stopped: %s", reason)
     return IterativeResult(accepted, dense, final_metric, float(tolerance), threshold, float(step), history, reason)
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from attribution import instrument
+from attribution.core.errors import HeadpruneError
 from prune.cost import (
     CostReport,
     attention_flops,
@@ -88,3 +92,39 @@ def test_report_compare_and_round_trip(tmp_path):
     assert set(ratios["measured_speedup"]) == {"1", "8"}
     assert "predicted speedup" in format_comparison(a, b)
     assert CostReport.load(a.save(tmp_path / "cost.json")) == a
+
+
+def _cost_report() -> CostReport:
+    return CostReport(
+        model="dense", heads=12, heads_per_layer=[4, 4, 4], params=1000, attention_params=400, mean_length=9.5,
+        attention_flops=1e5, total_flops=3e5, latency_ms={"1": 1.5, "32": 12.0}, latency_repeats=3,
+        file_bytes=None, threads=2, extra={"note": "x"},
+    )
+
+
+def test_cost_report_record_round_trip_and_keys(tmp_path):
+    report = _cost_report()
+    data = report.to_dict()
+    assert data == {"format": "headprune.CostReport", "version": 1, **dataclasses.asdict(report)}
+    assert CostReport.from_dict(data) == report
+    path = report.save(tmp_path / "cost.json")
+    assert CostReport.load(path) == report
+    path.write_text(json.dumps({**dataclasses.asdict(report), "format": "headprune.CostReport"}))  # no version
+    assert CostReport.load(path) == report
+
+
+def test_cost_report_bad_files_are_one_line_errors_naming_the_file(tmp_path):
+    path = tmp_path / "cost.json"
+    path.write_text("{not json")
+    with pytest.raises(HeadpruneError) as info:
+        CostReport.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    data = _cost_report().to_dict()
+    del data["params"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(HeadpruneError, match=r"missing key 'params'") as info:
+        CostReport.load(path)
+    assert str(path) in str(info.value)
+    path.write_text(json.dumps({**_cost_report().to_dict(), "version": 99}))
+    with pytest.raises(HeadpruneError, match="newer"):
+        CostReport.load(path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -10,9 +13,10 @@ pytest.importorskip("onnxruntime")
 from attribution import instrument  # noqa: E402
 from attribution.core.errors import HeadpruneError  # noqa: E402
 from prune import export  # noqa: E402
+from prune.checkpoints import load_model, save_pruned  # noqa: E402
 from prune.cli import main  # noqa: E402
 from prune.masking import mask_heads  # noqa: E402
-from prune.surgery import load_pruned, remove_heads, save_pruned  # noqa: E402
+from prune.surgery import remove_heads  # noqa: E402
 from tests.conftest import padded_batch, tiny_model  # noqa: E402
 
 
@@ -45,7 +49,7 @@ def test_onnx_matches_pytorch_for_pruned_model_with_an_empty_layer(tmp_path, fam
 def test_reloaded_checkpoint_exports_through_the_cli(tmp_path, capsys):
     model = _pruned()
     save_pruned(model, tmp_path / "model")
-    reloaded, _ = load_pruned(tmp_path / "model", tokenizer=False)
+    reloaded, _ = load_model(tmp_path / "model", tokenizer=False)
     out = tmp_path / "exported" / "model.onnx"
     assert main(["export", "--model", str(tmp_path / "model"), "--format", "onnx", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -91,3 +95,35 @@ def test_check_fails_clearly_when_onnx_disagrees(tmp_path):
         model.classifier.bias.add_(1.0)  # the ONNX file now describes another model
     with pytest.raises(HeadpruneError, match="differ from PyTorch"):
         export.check_onnx(path, model)
+
+
+def _onnx_export() -> export.OnnxExport:
+    return export.OnnxExport(
+        path="out/model.onnx", inputs=["input_ids", "attention_mask"], opset=17, max_abs_diff=2e-6,
+        checked_examples=8, file_bytes=12345, latency_ms={1: 0.5, 32: 4.25}, sequence_length=16, threads=2,
+    )
+
+
+def test_onnx_export_record_round_trip_and_keys(tmp_path):
+    result = _onnx_export()
+    data = result.to_dict()
+    assert data["format"] == "headprune.OnnxExport" and data["version"] == 1
+    assert set(data) - {"format", "version"} == {f.name for f in dataclasses.fields(export.OnnxExport)}
+    assert data["latency_ms"] == {"1": 0.5, "32": 4.25}  # batch sizes as JSON keys
+    again = export.OnnxExport.from_dict(data)
+    assert again == result and again.latency_ms == {1: 0.5, 32: 4.25}
+    assert export.OnnxExport.load(result.save(tmp_path / "export.json")) == result
+
+
+def test_onnx_export_bad_files_are_one_line_errors_naming_the_file(tmp_path):
+    path = tmp_path / "export.json"
+    path.write_text('{"format": "headprune.OnnxExport", "opset": ')
+    with pytest.raises(HeadpruneError) as info:
+        export.OnnxExport.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    data = _onnx_export().to_dict()
+    del data["opset"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(HeadpruneError, match=r"missing key 'opset'") as info:
+        export.OnnxExport.load(path)
+    assert str(path) in str(info.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from attribution.core.errors import HeadpruneError
+from prune.evaluate import EvalResult
 from prune.metrics import METRICS, accuracy, compute_metrics, confusion_matrix, macro_f1, matthews_corrcoef
 
 # 3 classes, 8 examples; confusion (rows gold, columns predicted):
@@ -102,3 +105,38 @@ def test_matches_sklearn_on_random_data() -> None:
         assert accuracy(preds, labels) == pytest.approx(sk.accuracy_score(labels, preds))
         assert macro_f1(preds, labels) == pytest.approx(sk.f1_score(labels, preds, average="macro", zero_division=0))
         assert matthews_corrcoef(preds, labels) == pytest.approx(sk.matthews_corrcoef(labels, preds), abs=1e-12)
+
+
+def _eval_result() -> EvalResult:
+    return EvalResult(
+        metrics={"accuracy": 0.75, "macro_f1": 0.5}, examples=8, model="m", data="tweets", split="test",
+        seconds=0.5, processes=2, extra={"note": "x"},
+    )
+
+
+def test_eval_result_record_round_trip_and_keys(tmp_path) -> None:
+    result = _eval_result()
+    data = result.to_dict()
+    assert data == {"format": "headprune.EvalResult", "version": 1, **dataclasses.asdict(result)}
+    assert EvalResult.from_dict(data) == result
+    path = result.save(tmp_path / "eval.json")
+    assert EvalResult.load(path) == result
+    path.write_text(json.dumps({**dataclasses.asdict(result), "format": "headprune.EvalResult"}))  # no version
+    assert EvalResult.load(path) == result
+
+
+def test_eval_result_bad_files_are_one_line_errors_naming_the_file(tmp_path) -> None:
+    path = tmp_path / "eval.json"
+    path.write_text('{"format": "headprune.EvalResult", "metrics": {')
+    with pytest.raises(HeadpruneError) as info:
+        EvalResult.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    data = _eval_result().to_dict()
+    del data["examples"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(HeadpruneError, match=r"missing key 'examples'") as info:
+        EvalResult.load(path)
+    assert str(path) in str(info.value)
+    path.write_text(json.dumps({"format": "headprune.HeadScores"}))
+    with pytest.raises(HeadpruneError, match="expected a headprune.EvalResult file, found a headprune.HeadScores"):
+        EvalResult.load(path)

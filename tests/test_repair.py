@@ -4,6 +4,8 @@ masked and removed models repaired alike."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
 from prune.masking import head_gates, mask_heads
-from prune.repair import RepairResult, repair
+from prune.repair import LayerRepair, RepairResult, repair
 from prune.surgery import bake_mask, remove_heads
 from tests.conftest import pad_id, padded_batch, tiny_model
 from tests.prune_helpers import sensitive
@@ -150,3 +152,48 @@ def test_repair_on_a_dense_model_does_nothing_and_bad_input():
         repair(model, [], progress=False)
     with pytest.raises(HeadpruneError, match="tokenizer batch"):
         repair(model, [{"ids": torch.zeros(1, 2)}], progress=False)
+
+
+def _repair_result() -> RepairResult:
+    layer = LayerRepair(
+        layer=2, heads=[0, 3], scales=[0.9, 1.25], error_before=0.5, error_after=0.25, target_energy=2.0,
+        applied_as="gates",
+    )
+    return RepairResult(
+        layers=[layer], examples=4, tokens=20, seconds=0.1, metric_before={"accuracy": 0.5},
+        metric_after={"accuracy": 0.75}, options={"ridge": 0.0, "scales": "per head"},
+    )
+
+
+def test_repair_result_record_round_trip_and_keys(tmp_path):
+    result = _repair_result()
+    data = result.to_dict()
+    assert data["format"] == "headprune.RepairResult" and data["version"] == 1
+    assert set(data) - {"format", "version"} == {f.name for f in dataclasses.fields(RepairResult)}
+    assert data["layers"] == [dataclasses.asdict(result.layers[0])]  # nested layers: plain, no tag
+    assert RepairResult.from_dict(data) == result
+    path = result.save(tmp_path / "repair.json")
+    again = RepairResult.load(path)
+    assert again == result and isinstance(again.layers[0], LayerRepair)
+    # files of the earlier hand-written layout (no version key) still load
+    path.write_text(json.dumps({**dataclasses.asdict(result), "format": "headprune.RepairResult"}))
+    assert RepairResult.load(path) == result
+
+
+def test_repair_result_bad_files_are_one_line_errors_naming_the_file(tmp_path):
+    path = tmp_path / "repair.json"
+    path.write_text('{"format": "headprune.RepairResult", "layers": [')
+    with pytest.raises(HeadpruneError) as info:
+        RepairResult.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    data = _repair_result().to_dict()
+    del data["layers"][0]["scales"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(HeadpruneError, match=r"missing key 'scales'") as info:
+        RepairResult.load(path)
+    assert str(path) in str(info.value)
+    path.write_text(json.dumps({"format": "headprune.CostReport", "version": 1}))
+    with pytest.raises(HeadpruneError, match="expected a headprune.RepairResult file"):
+        RepairResult.load(path)
+    with pytest.raises(HeadpruneError, match="not found"):
+        RepairResult.load(tmp_path / "absent.json")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from attribution.core.errors import HeadpruneError
 from attribution.scores import HeadScores
 from prune.masking import masked_heads
 from prune.strategies import (
+    IterationRecord,
     IterativeResult,
     check_scores,
     iterative_pruning,
@@ -166,3 +170,48 @@ def test_iterative_pruning_stops_when_nothing_can_go():
 def test_iterative_bad_arguments(kwargs):
     with pytest.raises(HeadpruneError):
         iterative_pruning(tiny_model("bert"), lambda m: None, lambda m: 1.0, progress=False, **kwargs)
+
+
+def _iterative_result() -> IterativeResult:
+    history = [
+        IterationRecord(1, 1, 1 / 12, 0.99, True, {0: [0]}),
+        IterationRecord(2, 2, 2 / 12, 0.90, False, {0: [0], 2: [1]}),
+    ]
+    return IterativeResult(
+        heads={0: [0]}, dense_metric=1.0, final_metric=0.99, tolerance=0.05, threshold=0.95, step=0.1,
+        history=history, stopped_because="metric fell below",
+    )
+
+
+def test_iterative_result_record_round_trip_and_keys(tmp_path):
+    result = _iterative_result()
+    data = result.to_dict()
+    assert data["format"] == "headprune.IterativeResult" and data["version"] == 1
+    assert set(data) - {"format", "version"} == {f.name for f in dataclasses.fields(IterativeResult)}
+    # layer keys are strings in the dict, as in the JSON file; integers again when loaded
+    assert data["heads"] == {"0": [0]} and data["history"][1]["heads"] == {"0": [0], "2": [1]}
+    assert set(data["history"][0]) == {f.name for f in dataclasses.fields(IterationRecord)}
+    assert IterativeResult.from_dict(data) == result
+    path = result.save(tmp_path / "iterative.json")
+    again = IterativeResult.load(path)
+    assert again == result and isinstance(again.history[0], IterationRecord)
+    assert again.history[1].heads == {0: [0], 2: [1]}
+    path.write_text(json.dumps({**dataclasses.asdict(result), "format": "headprune.IterativeResult"}))
+    assert IterativeResult.load(path) == result  # earlier layout, no version key
+
+
+def test_iterative_result_bad_files_are_one_line_errors_naming_the_file(tmp_path):
+    path = tmp_path / "iterative.json"
+    path.write_text('{"format": "headprune.IterativeResult", "heads": {')
+    with pytest.raises(HeadpruneError) as info:
+        IterativeResult.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    data = _iterative_result().to_dict()
+    data["history"][0]["surprise"] = 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(HeadpruneError, match=r"unknown key 'surprise'") as info:
+        IterativeResult.load(path)
+    assert str(path) in str(info.value)
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(HeadpruneError, match="expected a headprune.IterativeResult file"):
+        IterativeResult.load(path)
