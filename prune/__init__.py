@@ -1,7 +1,8 @@
 """headprune's acting side: mask or remove heads, repair, evaluate, export, run recipes, the CLI.
 
-The pruning entry points are importable from here (loaded lazily, so ``import prune`` stays cheap):
-``mask_heads``, ``unmask_heads``, ``remove_heads``, ``bake_mask``, ``save_pruned``, ``load_pruned``,
+The entry points are importable from here (loaded lazily, so ``import prune`` stays cheap):
+``load_model`` (the one loader: ``"default"``, ``"minilm"``, dense or pruned directories, hub ids)
+and ``save_pruned``; ``mask_heads``, ``unmask_heads``, ``remove_heads``, ``bake_mask``,
 ``select_heads``, ``iterative_pruning``. Repair and evaluation live in ``prune.repair`` and
 ``prune.evaluate`` (modules of those names, so no same-named functions are exported here).
 """
@@ -15,8 +16,8 @@ _EXPORTS = {
     "unmask_heads": "prune.masking",
     "remove_heads": "prune.surgery",
     "bake_mask": "prune.surgery",
-    "save_pruned": "prune.surgery",
-    "load_pruned": "prune.surgery",
+    "load_model": "prune.checkpoints",
+    "save_pruned": "prune.checkpoints",
     "select_heads": "prune.strategies",
     "iterative_pruning": "prune.strategies",
 }

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -80,22 +79,6 @@ def evaluate(
     )
 
 
-def load_model(name: str) -> tuple[PreTrainedModel, Any]:
-    """``(model, tokenizer)`` for a pruned or dense model directory, ``"default"`` or ``"minilm"``."""
-    from attribution.models import load_classifier
-    from prune.finetune import resolve_model
-    from prune.surgery import load_pruned, read_kept_heads
-
-    path = resolve_model(name)
-    if Path(path).is_dir() and read_kept_heads(path) is not None:
-        model, tokenizer = load_pruned(path)
-    else:
-        model, tokenizer = load_classifier(path)
-    if tokenizer is None:
-        raise HeadpruneError(f"no tokenizer saved with the model in {path}")
-    return model, tokenizer
-
-
 def evaluate_model(
     model: str,
     data: str = "tweets",
@@ -107,8 +90,9 @@ def evaluate_model(
     max_length: int | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Load ``model`` (a directory, pruned or not, or ``"default"``) and evaluate it on ``split``
-    of ``data`` (``"tweets"``, a hub name or a local file; see ``attribution.core.data.load_splits``)."""
+    """Load ``model`` (anything ``prune.checkpoints.load_model`` takes: ``"default"``, a pruned or
+    dense directory, a hub id) and evaluate it on ``split`` of ``data`` (``"tweets"``, a hub name
+    or a local file; see ``attribution.core.data.load_splits``)."""
     from attribution.core.data import DataSpec, as_spec, load_splits
 
     spec = as_spec(data)
@@ -122,7 +106,9 @@ def evaluate_model(
         if max_examples < 1:
             raise HeadpruneError(f"max_examples must be positive, got {max_examples}")
         dataset = dataset.select(range(min(max_examples, len(dataset))))
-    loaded, tokenizer = load_model(model)
+    from prune.checkpoints import load_model
+
+    loaded, tokenizer = load_model(model, progress=progress)
     return evaluate(
         loaded,
         tokenizer,

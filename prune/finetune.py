@@ -15,39 +15,123 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from attribution.core.data import DataSpec, as_spec, iter_batches, label_names, load_splits
+from attribution.core.cache import DEFAULT_BASE_MODEL, base_model_path, cache_dir
 from attribution.core.errors import HeadpruneError
-from attribution.core.predict import predict_logits
-from attribution.models import (
-    DEFAULT_BASE_MODEL,
-    DEFAULT_FINETUNE_CONFIG,
-    DEFAULT_MODEL,
-    FINETUNE_META,
-    FINETUNE_RECIPE_VERSION,
-    finetune_fingerprint,
-    finetuned_path,
-    load_classifier,
-)
-from prune.metrics import compute_metrics
+from attribution.core.log import get_logger
 
+if TYPE_CHECKING:
+    from attribution.core.data import DataSpec
+
+FINETUNE_META = "headprune_finetune.json"
+# bump when the training recipe changes so old caches are not mistaken for new ones
+FINETUNE_RECIPE_VERSION = 1
 WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 EVAL_METRICS = ("accuracy", "macro_f1", "matthews_corrcoef")
+
+log = get_logger("finetune")
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise HeadpruneError(f"{name.replace('_', ' ')} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that determines a fine-tuned model's weights.
+
+    Its defaults are *the* fine-tuning defaults, declared here only: ``finetune()``, the default
+    classifier (``DEFAULT_FINETUNE_CONFIG``: MiniLM fine-tuned on the embedded tweets),
+    ``headprune finetune`` and the recipe's ``finetune`` section all take them from this class.
+    ``base`` is ``"minilm"`` (the bundled encoder), a local directory or a hub id; ``data`` a
+    ``DataSpec`` or a data set name (see ``attribution.core.data``).
+    """
+
+    base: str = DEFAULT_BASE_MODEL
+    data: DataSpec | str = "tweets"
+    train_examples: int = 12000
+    epochs: int = 1
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_length: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base", os.fspath(self.base))
+        _check_positive(train_examples=self.train_examples, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+        if self.max_length < 8:
+            raise HeadpruneError(f"max_length must be at least 8, got {self.max_length}")
+
+    def key(self) -> dict[str, Any]:
+        """The JSON-able arguments that determine the trained weights (the fingerprint's input):
+        local paths made absolute, a plain data spec reduced to its name."""
+        from attribution.core.data import DataSpec, as_spec
+
+        base = self.base
+        if base != DEFAULT_BASE_MODEL and os.path.exists(base):
+            base = str(Path(base).resolve())  # the same directory from any working directory
+        spec = as_spec(self.data)
+        if spec == DataSpec(name=spec.name, max_length=spec.max_length):
+            data_key: Any = spec.name  # plain specs hash as their name, like the default "tweets"
+        else:
+            data_key = {k: v for k, v in dataclasses.asdict(spec).items() if k != "max_length"}
+        if spec.name not in ("tweets",) and os.path.exists(spec.name):
+            # local files: key on the absolute path (contents are the user's responsibility)
+            if isinstance(data_key, str):
+                data_key = str(Path(spec.name).resolve())
+            else:
+                data_key["name"] = str(Path(spec.name).resolve())
+        return {
+            "base": base,
+            "data": data_key,
+            "train_examples": int(self.train_examples),
+            "epochs": int(self.epochs),
+            "lr": float(self.lr),
+            "batch_size": int(self.batch_size),
+            "max_length": int(self.max_length),
+            "seed": int(self.seed),
+        }
+
+
+# The embedded default classifier ("default" to every command): MiniLM fine-tuned on the tweets.
+DEFAULT_FINETUNE_CONFIG = FinetuneConfig()
+_DEFAULTS = DEFAULT_FINETUNE_CONFIG
+
+
+def finetune_fingerprint(config: FinetuneConfig | Mapping[str, Any]) -> str:
+    """A short stable hash of fine-tuning arguments (plus the recipe version): the cache key.
+
+    ``config`` is a ``FinetuneConfig`` or its ``key()`` (any JSON-able mapping; key order does
+    not matter).
+    """
+    values = config.key() if isinstance(config, FinetuneConfig) else dict(config)
+    payload = json.dumps({"recipe": FINETUNE_RECIPE_VERSION, **values}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def finetuned_path(config: FinetuneConfig | Mapping[str, Any]) -> Path:
+    """Where ``finetune`` caches the model trained with ``config``."""
+    return cache_dir() / "finetuned" / finetune_fingerprint(config)
+
+
+def default_finetuned_path() -> Path:
+    """Where the default classifier (MiniLM fine-tuned on tweets) is, or would be, cached."""
+    return finetuned_path(DEFAULT_FINETUNE_CONFIG)
 
 
 @dataclass
@@ -67,68 +151,27 @@ class FinetuneResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def finetune_config(
-    base: str | os.PathLike = DEFAULT_BASE_MODEL,
-    data: DataSpec | str = "tweets",
-    *,
-    train_examples: int = 12000,
-    epochs: int = 1,
-    lr: float = 5e-5,
-    batch_size: int = 32,
-    max_length: int = 64,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """The JSON-able arguments that determine the trained weights (the fingerprint's input)."""
-    base = os.fspath(base)
-    if base != DEFAULT_BASE_MODEL and os.path.exists(base):
-        base = str(Path(base).resolve())  # the same directory from any working directory
-    spec = as_spec(data)
-    if spec == DataSpec(name=spec.name, max_length=spec.max_length):
-        data_key: Any = spec.name  # plain specs hash as their name, like the default "tweets"
-    else:
-        data_key = {k: v for k, v in dataclasses.asdict(spec).items() if k != "max_length"}
-    if spec.name not in ("tweets",) and os.path.exists(spec.name):
-        # local files: key on the absolute path (contents are the user's responsibility)
-        if isinstance(data_key, str):
-            data_key = str(Path(spec.name).resolve())
-        else:
-            data_key["name"] = str(Path(spec.name).resolve())
-    return {
-        "base": base,
-        "data": data_key,
-        "train_examples": int(train_examples),
-        "epochs": int(epochs),
-        "lr": float(lr),
-        "batch_size": int(batch_size),
-        "max_length": int(max_length),
-        "seed": int(seed),
-    }
-
-
 def finetune(
-    base: str | os.PathLike = DEFAULT_BASE_MODEL,
-    data: DataSpec | str = "tweets",
+    base: str | os.PathLike = _DEFAULTS.base,
+    data: DataSpec | str = _DEFAULTS.data,
     *,
-    train_examples: int = 12000,
-    epochs: int = 1,
-    lr: float = 5e-5,
-    batch_size: int = 32,
-    max_length: int = 64,
-    seed: int = 0,
+    train_examples: int = _DEFAULTS.train_examples,
+    epochs: int = _DEFAULTS.epochs,
+    lr: float = _DEFAULTS.lr,
+    batch_size: int = _DEFAULTS.batch_size,
+    max_length: int = _DEFAULTS.max_length,
+    seed: int = _DEFAULTS.seed,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``base`` on the train split of ``data``, evaluate, and cache the result.
 
-    The model goes to ``out_dir`` if given, else ``cache_dir()/finetuned/<fingerprint>``. If a
-    model trained with the same arguments is already there it is returned with ``cached=True``
-    and nothing is trained. ``train_examples`` takes the first rows of the (shuffled) train split;
-    fewer are used if the split is smaller.
+    The defaults are ``FinetuneConfig``'s. The model goes to ``out_dir`` if given, else
+    ``cache_dir()/finetuned/<fingerprint>``. If a model trained with the same arguments is already
+    there it is returned with ``cached=True`` and nothing is trained. ``train_examples`` takes the
+    first rows of the (shuffled) train split; fewer are used if the split is smaller.
     """
-    _check_positive(train_examples=train_examples, epochs=epochs, batch_size=batch_size, lr=lr)
-    if max_length < 8:
-        raise HeadpruneError(f"max_length must be at least 8, got {max_length}")
-    config = finetune_config(
+    config = FinetuneConfig(
         base,
         data,
         train_examples=train_examples,
@@ -138,8 +181,22 @@ def finetune(
         max_length=max_length,
         seed=seed,
     )
-    fingerprint = finetune_fingerprint(config)
-    final = Path(out_dir).expanduser().resolve() if out_dir is not None else finetuned_path(config)
+    return run_finetune(config, out_dir=out_dir, progress=progress)
+
+
+def finetune_default(*, progress: bool = True) -> FinetuneResult:
+    """The default classifier (``DEFAULT_FINETUNE_CONFIG``): fine-tuned on first use (~10 minutes
+    on 2 CPU cores), then taken from the cache."""
+    return run_finetune(DEFAULT_FINETUNE_CONFIG, progress=progress)
+
+
+def run_finetune(
+    config: FinetuneConfig, *, out_dir: str | os.PathLike | None = None, progress: bool = True
+) -> FinetuneResult:
+    """``finetune`` with its arguments as one ``FinetuneConfig``."""
+    key = config.key()
+    fingerprint = finetune_fingerprint(key)
+    final = Path(out_dir).expanduser().resolve() if out_dir is not None else finetuned_path(key)
 
     cached = _read_cached(final, fingerprint)
     if cached is not None:
@@ -151,7 +208,7 @@ def finetune(
             return cached
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
-            meta = _train(config, as_spec(data), tmp, progress=progress)
+            meta = _train(key, config.data, tmp, progress=progress)
             meta["fingerprint"] = fingerprint
             (tmp / FINETUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
@@ -159,30 +216,25 @@ def finetune(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    log.info("fine-tuned model saved to %s", final)
     return _result(final, meta, cached=False)
-
-
-def resolve_model(name: str | os.PathLike, *, progress: bool = True) -> str:
-    """A loadable model name: ``"default"`` becomes the cached default classifier's path
-    (fine-tuned on first use, ~10 minutes on 2 CPU cores); anything else passes through."""
-    name = os.fspath(name)
-    if name != DEFAULT_MODEL:
-        return name
-    # the config's keys are finetune's parameter names (a test keeps them equal)
-    return str(finetune(**DEFAULT_FINETUNE_CONFIG, progress=progress).path)
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def _train(config: dict[str, Any], spec: DataSpec, out: Path, *, progress: bool) -> dict[str, Any]:
+def _train(config: dict[str, Any], data: DataSpec | str, out: Path, *, progress: bool) -> dict[str, Any]:
+    import torch
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
-    from transformers.utils import logging as hf_logging
+
+    from attribution.core.data import as_spec, iter_batches, label_names, load_splits
+    from attribution.core.predict import predict_logits
+    from prune.metrics import compute_metrics
 
     start = time.perf_counter()
     seed, batch_size, max_length = config["seed"], config["batch_size"], config["max_length"]
-    spec = dataclasses.replace(spec, max_length=max_length)
+    spec = dataclasses.replace(as_spec(data), max_length=max_length)
     splits = load_splits(spec)
     names = label_names(splits)
     train = splits["train"]
@@ -190,18 +242,11 @@ def _train(config: dict[str, Any], spec: DataSpec, out: Path, *, progress: bool)
     train = train.select(range(n))  # the train split is already a seeded shuffle
 
     torch.manual_seed(seed)  # seeds the fresh classification head
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "classifier weights newly initialised" report is expected
-    try:
-        model, tokenizer = load_classifier(config["base"], label_names=names)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if progress:
-        print(
-            f"fine-tuning {config['base']} on {spec.name}: {n} examples, {config['epochs']} epoch(s), "
-            f"{len(names)} classes -> {out.parent}",
-            file=sys.stderr,
-        )
+    model, tokenizer = _load_base(config["base"], names)
+    log.info(
+        "fine-tuning %s on %s: %d examples, %d epoch(s), %d classes -> %s",
+        config["base"], spec.name, n, config["epochs"], len(names), out.parent,
+    )
 
     decay, no_decay = [], []
     for param in model.parameters():
@@ -275,6 +320,53 @@ def _train(config: dict[str, Any], spec: DataSpec, out: Path, *, progress: bool)
     }
 
 
+def _load_base(base: str, names: list[str]) -> tuple[Any, Any]:
+    """The encoder ``base`` with a fresh classification head for ``names``, and its tokenizer.
+
+    Only dense checkpoints: the weights of a pruned one (``prune.checkpoints``) do not fit the head
+    count of its config, and re-initialising them here would train a different model silently.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    target = base_model_path(base)
+    path = Path(target).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise HeadpruneError(f"{base} is not a model directory (no config.json in it)")
+    if not path.exists() and (target.startswith(("/", ".", "~")) or target.count("/") > 1):
+        raise HeadpruneError(f"model directory not found: {base}")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "classifier weights newly initialised" report is expected
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            target,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)},
+            ignore_mismatched_sizes=True,  # an existing head of another size is replaced
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise HeadpruneError(f"cannot load base model {base!r} ({type(error).__name__}: {first})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    encoder = f"{model.base_model_prefix}."
+    misfits = sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get("mismatched_keys") or [])
+    misfits = [key for key in misfits if key.startswith(encoder)]
+    if misfits:
+        raise HeadpruneError(
+            f"the encoder weights of {base} do not fit its config (e.g. {misfits[0]}): a pruned checkpoint "
+            "cannot be fine-tuned; fine-tune the dense model, then prune"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError, KeyError) as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise HeadpruneError(f"cannot load the tokenizer of {base!r} ({type(error).__name__}: {first})") from None
+    return model, tokenizer
+
+
 def _read_cached(final: Path, fingerprint: str) -> FinetuneResult | None:
     meta_path = final / FINETUNE_META
     if not final.exists() or (final.is_dir() and not any(final.iterdir())):
@@ -320,9 +412,3 @@ def _lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            raise HeadpruneError(f"{name.replace('_', ' ')} must be positive, got {value}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import inspect
 import json
 import os
 import types
@@ -34,6 +33,7 @@ from typing import Any, Union
 import yaml
 
 from attribution.core.errors import HeadpruneError
+from prune.finetune import FinetuneConfig
 
 SPLITS = ("train", "validation", "test")
 _TREE_FORMATS = ("png", "pdf", "svg", "html", "txt", "json")  # attribution.tree_render.FORMATS, without importing it
@@ -108,13 +108,14 @@ class DataSection:
 
 @dataclass
 class FinetuneSection:
-    """Fine-tune ``model`` (then a base encoder) on the train split first; cached by its arguments."""
+    """Fine-tune ``model`` (then a base encoder) on the train split first; cached by its arguments.
+    The defaults are ``prune.finetune.FinetuneConfig``'s (the data section gives ``max_length``)."""
 
-    train_examples: int = _field(12000, expect="a positive integer", check=_positive)
-    epochs: int = _field(1, expect="a positive integer", check=_positive)
-    lr: float = _field(5e-5, expect="a positive number", check=_positive)
-    batch_size: int = _field(32, expect="a positive integer", check=_positive)
-    seed: int = _field(0, expect="an integer")
+    train_examples: int = _field(FinetuneConfig.train_examples, expect="a positive integer", check=_positive)
+    epochs: int = _field(FinetuneConfig.epochs, expect="a positive integer", check=_positive)
+    lr: float = _field(FinetuneConfig.lr, expect="a positive number", check=_positive)
+    batch_size: int = _field(FinetuneConfig.batch_size, expect="a positive integer", check=_positive)
+    seed: int = _field(FinetuneConfig.seed, expect="an integer")
 
 
 @dataclass
@@ -221,13 +222,15 @@ class ExportSection:
 class TreeSection:
     """Attribution trees (AttAttr §4) of a few inputs, on the dense model (``headprune tree``)."""
 
+    RENAMED: typing.ClassVar[dict[str, str]] = {"steps": "n_steps", "method": "integration"}
+
     texts: list[str] = _field(expect="a non-empty list of input texts", check=lambda v: len(v) > 0)
     text_pairs: list[str] | None = _field(
         None, expect="a list of second texts, one per text (sentence-pair models), or null"
     )
     tau: float = _field(0.4, expect="a number between 0 and 1", check=lambda v: 0 <= v <= 1)
-    steps: int = _field(20, expect="a positive integer (AttAttr quadrature steps)", check=_positive)
-    method: str = _field("riemann_right", expect="an integration method name")
+    n_steps: int = _field(20, expect="a positive integer (AttAttr quadrature nodes)", check=_positive)
+    integration: str = _field("riemann_right", expect="an integration method name (AttAttr quadrature rule)")
     formats: list[str] = _field(
         ["png", "html", "txt", "json"], expect="a non-empty list of png, pdf, svg, html, txt, json",
         check=lambda v: len(v) > 0,
@@ -238,10 +241,12 @@ class TreeSection:
 class TriggersSection:
     """Trigger mining (AttAttr §5) on the dense model, optionally attacking held-out rows."""
 
+    RENAMED: typing.ClassVar[dict[str, str]] = {"steps": "n_steps", "method": "integration"}
+
     split: str = _field("train", expect="one of " + ", ".join(SPLITS), check=_one_of(*SPLITS))
     examples: int = _field(500, expect="a positive integer", check=_positive)
-    steps: int = _field(20, expect="a positive integer (AttAttr quadrature steps)", check=_positive)
-    method: str = _field("riemann_right", expect="an integration method name")
+    n_steps: int = _field(20, expect="a positive integer (AttAttr quadrature nodes)", check=_positive)
+    integration: str = _field("riemann_right", expect="an integration method name (AttAttr quadrature rule)")
     pairs: int = _field(2, expect="a positive integer (token pairs of the top head per example)", check=_positive)
     batch_size: int = _field(8, expect="a positive integer", check=_positive)
     attack: bool = _field(False, expect="true or false")
@@ -454,7 +459,11 @@ class _Validator:
             self.fail(path, f"got {_describe(value)}", expect)
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        renamed = getattr(cls, "RENAMED", {})  # old key -> new key: say so instead of "unknown key"
         for key in value:
+            if key in renamed:
+                new = renamed[key]
+                self.fail((*path, str(key)), f"renamed to {new}", f"{new}: {fields[new].metadata['expect']}", key=True)
             if key not in fields:
                 known = ", ".join(fields)
                 self.fail((*path, str(key)), "unknown key", f"one of: {known}", key=True)
@@ -505,7 +514,7 @@ class _Validator:
     # ---- criteria: names from the registry, options from the constructor's signature ----------
 
     def criteria(self, value: Any, path: Path_) -> dict[str, dict[str, Any]]:
-        from attribution.importance import CRITERIA
+        from attribution.criteria import CRITERIA
 
         expect = "a mapping (or list) of criterion names to their options"
         if isinstance(value, list):
@@ -528,52 +537,30 @@ class _Validator:
             out[name] = self.criterion_options(name, CRITERIA[name], options, sub)
         return out
 
-    def criterion_options(self, name: str, cls: type, options: dict[str, Any], path: Path_) -> dict[str, Any]:
-        parameters = {
-            p.name: p
-            for p in inspect.signature(cls.__init__).parameters.values()
-            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        }
-        parameters.pop("autocast_dtype", None)  # not expressible in YAML
-        described = ", ".join(f"{p} (default {_describe(q.default)})" for p, q in parameters.items()) or "none"
-        for key, option in options.items():
+    def criterion_options(self, name: str, cls: Any, options: dict[str, Any], path: Path_) -> dict[str, Any]:
+        """Options checked by the criterion's own ``option_spec`` (names, types, choices), then by
+        constructing it (checks across options); errors point at the option."""
+        from attribution.criteria import CriterionOptionError
+
+        spec = cls.option_spec()
+        described = ", ".join(f"{key} (default {_describe(o.default)})" for key, o in spec.items()) or "none"
+        for key, value in options.items():
             sub = (*path, str(key))
-            if key not in parameters:
+            if key not in spec:
+                renamed = cls.RENAMED.get(key)
+                if renamed is not None:
+                    self.fail(sub, f"renamed to {renamed}", f"{renamed}: {spec[renamed].expect}", key=True)
                 self.fail(sub, f"unknown option of {name}", f"one of its options: {described}", key=True)
-            default = parameters[key].default
-            kind = type(default) if default is not inspect.Parameter.empty and default is not None else None
-            if kind is bool and not isinstance(option, bool):
-                self.fail(sub, f"got {_describe(option)}", "true or false")
-            if kind is int and (isinstance(option, bool) or not isinstance(option, int)):
-                self.fail(sub, f"got {_describe(option)}", "an integer")
-            if kind is str and not isinstance(option, str):
-                self.fail(sub, f"got {_describe(option)}", "a string")
-        if name == "attattr":
-            self.attattr_options(options, path)
+            if spec[key].problem(value) is not None:
+                self.fail(sub, f"got {_describe(value)}", spec[key].expect)
         try:
             cls(**options)
+        except CriterionOptionError as error:
+            where = (*path, error.option) if error.option in options else path
+            self.fail(where, error.problem, error.expect or f"valid {name} options")
         except (HeadpruneError, TypeError, ValueError) as error:
             self.fail(path, str(error).splitlines()[0], f"valid {name} options")
         return dict(options)
-
-    def attattr_options(self, options: dict[str, Any], path: Path_) -> None:
-        from attribution.attattr import OUTPUTS
-        from attribution.quadrature import METHODS
-
-        method = options.get("method", "riemann_right")
-        if method not in METHODS:
-            self.fail((*path, "method"), f"unknown integration method {method!r}", "one of: " + ", ".join(METHODS))
-        steps = options.get("n_steps", 20)
-        if steps < 1 or (method == "riemann_trapezoid" and steps < 2):
-            self.fail((*path, "n_steps"), f"got {steps}", "a positive integer (>= 2 for riemann_trapezoid)")
-        if options.get("output", "probability") not in OUTPUTS:
-            self.fail((*path, "output"), f"got {_describe(options['output'])}", "one of: " + ", ".join(OUTPUTS))
-        if options.get("target", "predicted") not in ("predicted", "gold"):
-            self.fail((*path, "target"), f"got {_describe(options['target'])}", "'predicted' or 'gold'")
-        if options.get("internal_batch_size") is not None:
-            size = options["internal_batch_size"]
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                self.fail((*path, "internal_batch_size"), f"got {_describe(size)}", "a positive integer or null")
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,17 +604,17 @@ def _cross_checks(recipe: Recipe, v: _Validator) -> None:
 
 
 def _analysis_checks(analysis: AnalysisSection, v: _Validator) -> None:
-    from attribution.quadrature import METHODS
+    from attribution.quadrature import INTEGRATIONS
 
     for name in ("tree", "triggers"):
         section = getattr(analysis, name)
         if section is None:
             continue
-        if section.method not in METHODS:
-            v.fail(("analysis", name, "method"), f"unknown integration method {section.method!r}",
-                   "one of: " + ", ".join(METHODS))
-        if section.method == "riemann_trapezoid" and section.steps < 2:
-            v.fail(("analysis", name, "steps"), f"got {section.steps}", "an integer >= 2 for riemann_trapezoid")
+        if section.integration not in INTEGRATIONS:
+            v.fail(("analysis", name, "integration"), f"unknown integration method {section.integration!r}",
+                   "one of: " + ", ".join(INTEGRATIONS))
+        if section.integration == "riemann_trapezoid" and section.n_steps < 2:
+            v.fail(("analysis", name, "n_steps"), f"got {section.n_steps}", "an integer >= 2 for riemann_trapezoid")
     tree = analysis.tree
     if tree is not None and tree.text_pairs is not None and len(tree.text_pairs) != len(tree.texts):
         v.fail(("analysis", "tree", "text_pairs"), f"got {len(tree.text_pairs)} for {len(tree.texts)} texts",

@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.refere
 
 from attribution import AttAttr, HeadScores, head_importance  # noqa: E402
 from attribution.core.data import iter_batches, load_splits  # noqa: E402
-from attribution.models import load_classifier  # noqa: E402
-from prune.finetune import resolve_model  # noqa: E402
+from prune.checkpoints import load_model  # noqa: E402
 from tests.reference import reference_attattr  # noqa: E402
 
 SETTINGS = [  # (label, method, n_steps)
@@ -108,7 +107,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_classifier(resolve_model(args.model))
+    model, tokenizer = load_model(args.model)
     split = load_splits("tweets")["validation"]
     examples = split.select(range(args.examples))
     batches = [
@@ -187,7 +186,7 @@ def main() -> None:
             for b in iter_batches(ranking_split, tokenizer, batch_size=args.batch_size, sort_by_length=True)
         )
         started = time.perf_counter()
-        scores = head_importance(model, stream, "attattr", n_steps=steps, method=method,
+        scores = head_importance(model, stream, "attattr", n_steps=steps, integration=method,
                                  total=len(ranking_split), progress=False)
         ranking_seconds = time.perf_counter() - started
         error = scores.provenance["relative_completeness_error"]

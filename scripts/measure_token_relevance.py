@@ -31,7 +31,7 @@ def faithfulness_step(out: Path, examples: int) -> None:
 
     code = main([
         "faithfulness", "--model", "default", "--data", "tweets", "--split", "test",
-        "--examples", str(examples), "--methods", "all", "--attattr-steps", "4", "--ig-steps", "20",
+        "--examples", str(examples), "--methods", "all", "--attattr-n-steps", "4", "--ig-n-steps", "20",
         "--batch-size", "16", "--out", str(out / "faithfulness"),
     ])
     if code:
@@ -43,10 +43,10 @@ def heads_step(out: Path, examples: int) -> None:
     from prune.cli import main
 
     runs = {
-        "attattr": ["--method", "attattr", "--steps", "4", "--integration", "gausslegendre"],
-        "unary_share": ["--method", "unary_share"],
-        "pairwise_share": ["--method", "pairwise_share"],
-        "gradient_weighted": ["--method", "gradient_weighted"],
+        "attattr": ["--criterion", "attattr", "--n-steps", "4", "--integration", "gausslegendre"],
+        "unary_share": ["--criterion", "unary_share"],
+        "pairwise_share": ["--criterion", "pairwise_share"],
+        "gradient_weighted": ["--criterion", "gradient_weighted"],
     }
     scores = {}
     for name, options in runs.items():
@@ -80,11 +80,10 @@ def heads_step(out: Path, examples: int) -> None:
 
 def timing_step(out: Path, examples: int) -> None:
     from attribution.core.data import load_splits
-    from attribution.models import load_classifier
     from attribution.relevance import RELEVANCE_METHODS, default_method_options, make_relevance
-    from prune.finetune import resolve_model
+    from prune.checkpoints import load_model
 
-    model, tokenizer = load_classifier(resolve_model("default"))
+    model, tokenizer = load_model("default")
     texts = load_splits("tweets")["test"].select(range(examples))["text"]
     encoded = [tokenizer(t, truncation=True, max_length=64, return_tensors="pt") for t in texts]
     options = default_method_options(tokenizer, {"attattr": {"n_steps": 4}, "ig": {"n_steps": 20}})

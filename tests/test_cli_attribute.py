@@ -16,8 +16,8 @@ def world(tmp_path_factory):
     return tiny_model_dir(root / "m"), tiny_csv(root / "data.csv", rows=60)
 
 
-@pytest.mark.parametrize("method", ["attattr", "taylor", "fisher", "attention", "random"])
-def test_attribute_writes_scores_and_plot(world, tmp_path, method, capsys):
+@pytest.mark.parametrize("criterion", ["attattr", "taylor", "fisher", "attention", "random"])
+def test_attribute_writes_scores_and_plot(world, tmp_path, criterion, capsys):
     model, data = world
     out, png = tmp_path / "scores.json", tmp_path / "heads.png"
     code = main(
@@ -27,14 +27,13 @@ def test_attribute_writes_scores_and_plot(world, tmp_path, method, capsys):
             str(model),
             "--data",
             str(data),
-            "--method",
-            method,
+            "--criterion",
+            criterion,
             "--examples",
             "7",
             "--split",
             "train",
-            "--steps",
-            "3",
+            *(["--n-steps", "3"] if criterion == "attattr" else []),
             "--batch-size",
             "3",
             "--out",
@@ -46,15 +45,15 @@ def test_attribute_writes_scores_and_plot(world, tmp_path, method, capsys):
     )
     assert code == 0
     scores = HeadScores.load(out)
-    assert scores.shape == (2, 4) and scores.method == method and torch.isfinite(scores.values).all()
-    assert scores.provenance["examples"] == (0 if method == "random" else 7)
+    assert scores.shape == (2, 4) and scores.criterion == criterion and torch.isfinite(scores.values).all()
+    assert scores.provenance["examples"] == (0 if criterion == "random" else 7)
     assert png.read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "top heads" in printed
-    if method == "attattr":
+    if criterion == "attattr":
         assert scores.provenance["options"] == {
             "n_steps": 3,
-            "method": "riemann_right",
+            "integration": "riemann_right",
             "output": "probability",
             "target": "predicted",
         }
@@ -65,7 +64,7 @@ def test_attribute_matches_python_api(world, tmp_path):
     """The CLI's batching (length-sorted) changes nothing: same scores as one call on all examples."""
     from attribution import head_importance
     from attribution.core.data import iter_batches, load_splits
-    from attribution.models import load_classifier
+    from prune.checkpoints import load_model
 
     model_dir, data = world
     out = tmp_path / "scores.json"
@@ -78,7 +77,7 @@ def test_attribute_matches_python_api(world, tmp_path):
             str(data),
             "--examples",
             "6",
-            "--steps",
+            "--n-steps",
             "4",
             "--integration",
             "gausslegendre",
@@ -89,11 +88,11 @@ def test_attribute_matches_python_api(world, tmp_path):
             "--quiet",
         ]
     )
-    model, tokenizer = load_classifier(model_dir)
+    model, tokenizer = load_model(model_dir)
     split = load_splits(str(data))["validation"].select(range(6))
     batch = next(iter_batches(split, tokenizer, batch_size=6))
     batch.pop("index")
-    expected = head_importance(model, [batch], "attattr", n_steps=4, method="gausslegendre", progress=False)
+    expected = head_importance(model, [batch], "attattr", n_steps=4, integration="gausslegendre", progress=False)
     torch.testing.assert_close(HeadScores.load(out).values, expected.values, atol=1e-6, rtol=0)
 
 
@@ -101,7 +100,15 @@ def test_attribute_matches_python_api(world, tmp_path):
     ("extra", "message"),
     [
         (["--examples", "0"], "--examples must be at least 1"),
-        (["--method", "magic"], "unknown head-importance method 'magic'"),
+        (["--criterion", "magic"], "unknown criterion 'magic'"),
+        (["--n-steps", "0"], "attattr option n_steps: got 0; expected a positive integer"),
+        (["--n-steps", "three"], "attattr option n_steps: got 'three'; expected a positive integer"),
+        (["--integration", "simpson"], "attattr option integration: got 'simpson'; expected one of: riemann_right"),
+        (["--seed", "3"], "--seed: criterion 'attattr' takes no option seed; its options: n_steps, integration"),
+        (["--criterion", "taylor", "--n-steps", "3"], "'taylor' takes no option n_steps; its options: normalize"),
+        (["--option", "method=gausslegendre"], "attattr option method was renamed to integration"),
+        (["--option", "n_steps"], "--option expects KEY=VALUE, got 'n_steps'"),
+        (["--n-steps", "3", "--option", "n_steps=4"], "n_steps given twice"),
         (["--model", "/nonexistent/model"], "model directory not found"),
     ],
 )
@@ -117,11 +124,10 @@ def test_bad_input_is_one_line_error_with_exit_2(world, tmp_path, extra, message
 
 def test_attribute_scores_a_pruned_checkpoint(world, tmp_path):
     """Removed heads score exactly 0 and the rest match the masked model's scores."""
-    from attribution.models import load_classifier
-    from prune import mask_heads, remove_heads, save_pruned
+    from prune import load_model, mask_heads, remove_heads, save_pruned
 
     model_dir, data = world
-    model, tokenizer = load_classifier(model_dir)
+    model, tokenizer = load_model(model_dir)
     heads = {0: [1, 3], 1: [0]}
     remove_heads(model, heads)
     save_pruned(model, tmp_path / "pruned", tokenizer=tokenizer)
@@ -129,7 +135,7 @@ def test_attribute_scores_a_pruned_checkpoint(world, tmp_path):
         "attribute",
         "--data",
         str(data),
-        "--method",
+        "--criterion",
         "taylor",
         "--no-normalize",
         "--examples",
@@ -141,7 +147,7 @@ def test_attribute_scores_a_pruned_checkpoint(world, tmp_path):
     assert main([*args, "--model", str(tmp_path / "pruned"), "--out", str(tmp_path / "pruned.json")]) == 0
     pruned = HeadScores.load(tmp_path / "pruned.json").values
     assert pruned[0, [1, 3]].abs().sum() == 0 and pruned[1, 0] == 0
-    dense, _ = load_classifier(model_dir)
+    dense, _ = load_model(model_dir)
     with mask_heads(dense, heads):
         from attribution import head_importance
         from attribution.core.data import iter_batches, load_splits
@@ -151,3 +157,48 @@ def test_attribute_scores_a_pruned_checkpoint(world, tmp_path):
         batch.pop("index")
         masked = head_importance(dense, [batch], "taylor", normalize=False, progress=False).values
     torch.testing.assert_close(pruned, masked, atol=1e-6, rtol=1e-4)
+
+
+def test_a_plugin_criterion_gets_its_options_from_the_command_line(world, tmp_path, capsys):
+    """A criterion registered after the CLI exists: no flag of its own, ``--option KEY=VALUE`` for
+    each option, parsed by the criterion's own option types; its diagnostics are printed."""
+    from attribution.criteria import CRITERIA, Criterion, CriterionOption, register_criterion
+
+    @register_criterion
+    class Constant(Criterion):
+        name = "test_constant"
+        OPTIONS = (
+            CriterionOption("value", 1.0, float, "every head's score"),
+            CriterionOption("negate", False, bool, "flip the sign"),
+            CriterionOption("batch_size", 1, int, "an option named like a CLI flag"),
+        )
+
+        def per_example(self, model, batch):
+            value = -self.settings["value"] if self.settings["negate"] else self.settings["value"]
+            return torch.full((batch["input_ids"].shape[0], 2, 4), value, dtype=torch.float64)
+
+        def take_diagnostics(self):
+            return {"calls": torch.ones(1)}
+
+        def summarize(self, diagnostics):
+            return {"constant_calls": {"total": float(diagnostics["calls"].sum())}}
+
+    model, data = world
+    out = tmp_path / "constant.json"
+    base = ["attribute", "--model", str(model), "--data", str(data), "--examples", "5", "--batch-size", "2",
+            "--quiet", "--criterion", "test_constant", "--out", str(out)]  # fmt: skip
+    try:
+        args = [*base, "--option", "value=2.5", "--option", "negate=true", "--option", "batch-size=7"]
+        assert main(args) == 0
+        scores = HeadScores.load(out)
+        assert scores.criterion == "test_constant" and scores.values.unique().tolist() == [-2.5]
+        assert scores.provenance["options"] == {"value": 2.5, "negate": True, "batch_size": 7}
+        assert scores.provenance["constant_calls"] == {"total": 3.0}  # 5 examples in batches of 2
+        assert "constant calls: total 3" in capsys.readouterr().out
+        assert main([*base, "--option", "value=big"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "headprune: error: test_constant option value: got 'big'; expected a number"
+        assert main([*base, "--n-steps", "3"]) == 2
+        assert "its options: value, negate, batch_size" in capsys.readouterr().err
+    finally:
+        CRITERIA.pop("test_constant", None)

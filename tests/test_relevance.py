@@ -234,16 +234,39 @@ def test_integrated_gradients_equal_a_manual_integral(model):
         total += weight * grad
     manual = ((x - x0) * total).sum(-1) * inputs["attention_mask"]
     assert torch.allclose(out, manual, atol=1e-5)
-    # completeness: the sum is F(x) - F(baseline) up to the quadrature error captum reports
-    assert method.last_delta.shape == (3,)
+    # completeness: the relevance sums to F(x) - F(baseline), F computed here on the token ids (six
+    # Gauss-Legendre nodes integrate this smooth path to ~1e-7, so 1e-5 of gaps of 0.03..0.09 fails
+    # on a wrong weight, scale, baseline or path), and captum's delta is what is left over
+    with torch.no_grad():
+        f_x = torch.softmax(model(**inputs).logits, -1)[:, 1]
+        f_0 = torch.softmax(model(input_ids=baseline, attention_mask=mask).logits, -1)[:, 1]
+    gap = f_x - f_0
+    assert (gap.abs() > 0.02).all()  # a real difference to account for
+    torch.testing.assert_close(out.sum(-1), gap, atol=1e-5, rtol=0)
+    torch.testing.assert_close(method.last_delta.float(), out.sum(-1) - gap, atol=1e-5, rtol=0)
 
 
 def test_attattr_relevance_is_the_reference_attribution_summed_over_reads(model):
     inputs = padded_batch(seed=6)
-    method = AttAttrRelevance(model, n_steps=3, method="gausslegendre")
+    method = AttAttrRelevance(model, n_steps=3, integration="gausslegendre")
     slow, _ = reference_attattr(model, inputs, n_steps=3, method="gausslegendre")
     expected = slow.sum(dim=(1, 2, 3)).float()  # over layers, heads and queries -> per key
-    assert torch.allclose(method.attribute(inputs), expected, atol=1e-6)
+    relevance = method.attribute(inputs)
+    assert torch.allclose(relevance, expected, atol=1e-6)
+    # completeness, per layer and so in total: sum_j relevance_j = sum_l F(A) - F(A with layer l's
+    # attention zeroed), F (the predicted class's probability) computed here with the probe
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        predicted = logits.argmax(-1, keepdim=True)
+        f_full = torch.softmax(logits, -1).gather(1, predicted)[:, 0]
+        gap = torch.zeros_like(f_full)
+        for layer in range(len(instrument.encoder_layers(model))):
+            with instrument.AttentionProbe(model, layers=[layer]) as probe:
+                probe.replace[layer] = torch.zeros_like
+                f_zero = torch.softmax(model(**inputs).logits, -1).gather(1, predicted)[:, 0]
+            gap += f_full - f_zero
+    assert (gap.abs() > 0.02).all()
+    torch.testing.assert_close(relevance.sum(-1), gap, atol=1e-5, rtol=0)
 
 
 def test_random_is_seeded_per_example(model):
@@ -264,8 +287,8 @@ def test_method_names_and_bad_options(model):
         make_relevance("rollout", model, steps=3)
     with pytest.raises(HeadpruneError, match="target classes"):
         make_relevance("gae", model).attribute(padded_batch(), target=7)
-    with pytest.raises(HeadpruneError, match="ig method must be one of .*gausslegendre, got 'gaussradau'"):
-        make_relevance("ig", model, method="gaussradau")
+    with pytest.raises(HeadpruneError, match="ig integration must be one of .*gausslegendre, got 'gaussradau'"):
+        make_relevance("ig", model, integration="gaussradau")
 
 
 # ---- a tiny model trained so that one token decides the label ---------------------------------
@@ -330,16 +353,16 @@ def test_gradient_methods_put_the_deciding_token_first(trained):
 
 @pytest.mark.slow
 def test_every_method_on_the_real_minilm():
-    from attribution.models import load_classifier
     from attribution.relevance import default_method_options
+    from prune.checkpoints import load_model
 
     torch.manual_seed(0)  # the classification head is freshly initialised
-    model, tokenizer = load_classifier("minilm", num_labels=3)
+    model, tokenizer = load_model("minilm")
     texts = ["what a wonderful day at the beach", "the train is late again, awful"]
     inputs = dict(tokenizer(texts, padding=True, return_tensors="pt"))
     options = default_method_options(tokenizer, FAST_OPTIONS)
     for name in RELEVANCE_METHODS:
         method = make_relevance(name, model, **options.get(name, {}))
-        batched = method.attribute(inputs, target=torch.tensor([0, 2]))
+        batched = method.attribute(inputs, target=torch.tensor([1, 0]))  # the fresh head has 2 classes
         assert torch.isfinite(batched).all() and (batched[inputs["attention_mask"] == 0] == 0).all()
-        assert torch.allclose(batched, one_by_one(method, inputs, torch.tensor([0, 2])), atol=1e-5, rtol=1e-3), name
+        assert torch.allclose(batched, one_by_one(method, inputs, torch.tensor([1, 0])), atol=1e-5, rtol=1e-3), name

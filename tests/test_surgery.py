@@ -12,8 +12,9 @@ from transformers import AutoModelForSequenceClassification
 
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
+from prune.checkpoints import load_model, save_pruned
 from prune.masking import mask_heads
-from prune.surgery import bake_mask, fold_head_scales, load_pruned, remove_heads, save_pruned
+from prune.surgery import bake_mask, fold_head_scales, remove_heads
 from tests.conftest import FAMILIES, pad_id, padded_batch, tiny_model
 from tests.prune_helpers import sensitive, tiny_tokenizer
 
@@ -123,7 +124,7 @@ def test_save_load_round_trip(family, tmp_path):
     config = json.loads((path / "config.json").read_text())
     assert config["headprune_kept_heads"] == instrument.kept_heads(model)
     assert (path / "model.safetensors").is_file() and (path / "tokenizer_config.json").is_file()
-    loaded, loaded_tokenizer = load_pruned(path)
+    loaded, loaded_tokenizer = load_model(path)
     assert instrument.kept_heads(loaded) == instrument.kept_heads(model)
     assert loaded_tokenizer is not None and loaded_tokenizer.vocab_size == tokenizer.vocab_size
     assert loaded.config._attn_implementation == "sdpa" and not loaded.training
@@ -139,53 +140,39 @@ def test_saving_a_masked_model_bakes_a_copy(bert, batch, tmp_path):
     path = save_pruned(bert, tmp_path / "masked")
     assert instrument.kept_heads(bert)[0] == [0, 1, 2, 3]  # the caller's model is untouched
     assert not hasattr(bert.config, "headprune_kept_heads")
-    loaded, tokenizer = load_pruned(path)
+    with pytest.raises(HeadpruneError, match="no tokenizer saved with the model"):
+        load_model(path)
+    loaded, tokenizer = load_model(path, tokenizer=False)
     assert tokenizer is None
     assert instrument.kept_heads(loaded)[0] == [1, 2, 3]
     torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)
     # saving again over an existing directory replaces it completely
     remove_heads(bert, {2: [1]})
     save_pruned(bert, path)
-    assert instrument.kept_heads(load_pruned(path)[0])[2] == [0, 2, 3]
+    assert instrument.kept_heads(load_model(path, tokenizer=False)[0])[2] == [0, 2, 3]
 
 
 def test_load_errors_are_one_line(bert, tmp_path):
     with pytest.raises(HeadpruneError, match="model directory not found"):
-        load_pruned(tmp_path / "missing")
+        load_model(tmp_path / "missing")
     remove_heads(bert, {0: [1]})
     path = save_pruned(bert, tmp_path / "p")
     config = json.loads((path / "config.json").read_text())
     config["headprune_kept_heads"] = [[0, 1, 2], [0, 1, 2, 3]]
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HeadpruneError, match="for each of the 3 layers"):
-        load_pruned(path)
+        load_model(path)
     config["headprune_kept_heads"] = [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]  # weights say otherwise
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HeadpruneError, match="do not fit the recorded heads") as error:
-        load_pruned(path)
+        load_model(path)
     assert "\n" not in str(error.value)
-
-
-def test_load_classifier_refuses_pruned_but_takes_dense_checkpoints(bert, batch, tmp_path):
-    """attribution's loader would otherwise re-initialise the sliced weights when asked for num_labels."""
-    from attribution.models import load_classifier
-
-    tokenizer = tiny_tokenizer(tmp_path / "tok")
-    dense_dir = save_pruned(bert, tmp_path / "dense", tokenizer)
-    model, _ = load_classifier(dense_dir, num_labels=3)
-    torch.testing.assert_close(model(**batch).logits, bert(**batch).logits, atol=0, rtol=0)
-    remove_heads(bert, {1: [2]})
-    pruned_dir = save_pruned(bert, tmp_path / "pruned", tokenizer)
-    with pytest.raises(HeadpruneError, match="pruned headprune checkpoint: load it with prune.load_pruned"):
-        load_classifier(pruned_dir, num_labels=3)
 
 
 @pytest.mark.slow
 def test_real_minilm_masked_equals_removed_and_round_trips(tmp_path):
-    from attribution.models import load_classifier
-
     torch.manual_seed(0)  # the classification head is freshly initialised
-    model, tokenizer = load_classifier("minilm", num_labels=3)
+    model, tokenizer = load_model("minilm")
     batch = dict(tokenizer(["the movie was great", "terrible service, never again!!"], padding=True,
                            return_tensors="pt"))
     heads = {0: [0, 5, 11], 3: list(range(12)), 5: [1, 2, 3, 4, 5, 6]}
@@ -193,6 +180,6 @@ def test_real_minilm_masked_equals_removed_and_round_trips(tmp_path):
         masked = model(**batch).logits
     remove_heads(model, heads)
     torch.testing.assert_close(model(**batch).logits, masked, atol=1e-5, rtol=0)
-    loaded, _ = load_pruned(save_pruned(model, tmp_path / "minilm", tokenizer))
+    loaded, _ = load_model(save_pruned(model, tmp_path / "minilm", tokenizer))
     torch.testing.assert_close(loaded(**batch).logits, masked, atol=1e-5, rtol=0)
     assert instrument.heads_per_layer(loaded) == [9, 12, 12, 0, 12, 6]

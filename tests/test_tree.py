@@ -4,6 +4,7 @@ word merging, sentence pairs, JSON round trips, renderers and the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -12,6 +13,7 @@ from transformers import BertTokenizer
 
 from attribution import AttAttr
 from attribution.core.errors import HeadpruneError
+from attribution.core.inputs import class_index, label_names
 from attribution.tree import (
     AttributionTree,
     TokenInfo,
@@ -158,7 +160,7 @@ def test_trees_from_real_attattr_are_trees(tokenizer, seed):
     for text, pair in texts:
         for tau in (0.05, 0.2, 0.4):
             for word_level in (True, False):
-                tree = attribution_tree(model, tokenizer, text, pair, tau=tau, n_steps=4, method="gausslegendre",
+                tree = attribution_tree(model, tokenizer, text, pair, tau=tau, n_steps=4, integration="gausslegendre",
                                         word_level=word_level)
                 assert_is_tree(tree)
                 sizes.append(len(tree.members))
@@ -174,11 +176,11 @@ def test_tree_of_a_batch_row_ignores_padding(tokenizer):
     texts = ["w1 alpha playing w2", "w3 w4 w5 beta w6 w7 w8 w9"]
     encoding = tokenizer(texts, padding=True, return_tensors="pt")
     batch = {k: v for k, v in encoding.items()}
-    attributions = AttAttr(model).attribute(batch, n_steps=4, method="gausslegendre")
+    attributions = AttAttr(model).attribute(batch, n_steps=4, integration="gausslegendre")
     info = TokenInfo.from_encoding(encoding, tokenizer, row=0)
     assert info.tokens == ["[CLS]", "w1", "alpha", "play", "##ing", "w2", "[SEP]"]
     from_batch = tree_from_attributions(attributions[0], info, tau=0.1, tokenizer=tokenizer)
-    alone = attribution_tree(model, tokenizer, texts[0], tau=0.1, n_steps=4, method="gausslegendre")
+    alone = attribution_tree(model, tokenizer, texts[0], tau=0.1, n_steps=4, integration="gausslegendre")
     structure = [(e.parent, e.child, e.layer) for e in from_batch.edges]
     assert structure == [(e.parent, e.child, e.layer) for e in alone.edges]
     assert [e.score for e in from_batch.edges] == pytest.approx([e.score for e in alone.edges], abs=1e-4)
@@ -188,7 +190,9 @@ def test_tree_of_a_batch_row_ignores_padding(tokenizer):
 
 def test_sentence_pair_segments_and_word_merging(tokenizer):
     model = tiny_model("bert", seed=4)
-    tree = attribution_tree(model, tokenizer, "w1 playing", "played w2", tau=0.0, n_steps=3, method="gausslegendre")
+    tree = attribution_tree(
+        model, tokenizer, "w1 playing", "played w2", tau=0.0, n_steps=3, integration="gausslegendre"
+    )
     assert [(n.text, n.segment, n.special) for n in tree.nodes] == [
         ("[CLS]", None, True), ("w1", 0, False), ("playing", 0, False), ("[SEP]", None, True),
         ("played", 1, False), ("w2", 1, False), ("[SEP]", None, True),
@@ -197,7 +201,7 @@ def test_sentence_pair_segments_and_word_merging(tokenizer):
     if any(tree.nodes[i].segment == 1 for i in tree.members):
         assert "(text 2)" in tree.to_text()
     tokens = attribution_tree(model, tokenizer, "w1 playing", "played w2", tau=0.0, n_steps=3,
-                              method="gausslegendre", word_level=False)
+                              integration="gausslegendre", word_level=False)
     assert [n.text for n in tokens.nodes][2:4] == ["play", "##ing"] and tokens.provenance["unit"] == "token"
     with pytest.raises(HeadpruneError, match="empty"):
         attribution_tree(model, tokenizer, "  ")
@@ -205,7 +209,7 @@ def test_sentence_pair_segments_and_word_merging(tokenizer):
 
 def test_json_round_trip_and_renderers(tmp_path, tokenizer):
     tree = attribution_tree(sharp_model(), tokenizer, "w1 alpha playing w2 beta w7", "w4 w5", tau=0.1, n_steps=3,
-                            method="gausslegendre")
+                            integration="gausslegendre")
     path = tmp_path / "tree.json"
     tree.save(path)
     loaded = AttributionTree.load(path)
@@ -233,12 +237,12 @@ def test_json_round_trip_and_renderers(tmp_path, tokenizer):
 def test_load_rejects_other_files(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"hello": 1}))
-    with pytest.raises(HeadpruneError, match="not a headprune attribution tree"):
+    with pytest.raises(HeadpruneError, match="expected a headprune.attribution_tree file"):
         AttributionTree.load(bad)
     data = build_tree(hand_made(), TOKENS, special=SPECIAL).to_dict()
     data["edges"].append(dict(data["edges"][0]))  # a second parent for the same child
     bad.write_text(json.dumps(data))
-    with pytest.raises(HeadpruneError, match="two parents"):
+    with pytest.raises(HeadpruneError, match=f"^{re.escape(str(bad))}: node .* has two parents"):
         AttributionTree.load(bad)
 
 
@@ -257,34 +261,38 @@ def test_text_form_lists_edges_with_one_based_layers():
 
 def test_cli_tree(tmp_path, monkeypatch, capsys, tokenizer):
     from prune import cli
-    from prune.commands import tree as command
 
     model = sharp_model()
     model.config.id2label = {0: "neg", 1: "neu", 2: "pos"}
-    monkeypatch.setattr("attribution.models.load_classifier", lambda name, **kw: (model, tokenizer))
-    monkeypatch.setattr("prune.finetune.resolve_model", lambda name, **kw: name)
+    monkeypatch.setattr("prune.checkpoints.load_model", lambda name, **kw: (model, tokenizer))
     out, saved = tmp_path / "t.html", tmp_path / "t.json"
-    code = cli.main(["tree", "--model", "x", "--text", "w1 alpha playing w2", "--steps", "3",
-                     "--method", "gausslegendre", "--tau", "0.1", "--target", "pos", "--out", str(out),
+    code = cli.main(["tree", "--model", "x", "--text", "w1 alpha playing w2", "--n-steps", "3",
+                     "--integration", "gausslegendre", "--tau", "0.1", "--target", "pos", "--out", str(out),
                      "--out", str(saved)])
     assert code == 0 and out.is_file()
     printed = capsys.readouterr().out
     assert printed.startswith("attribution tree: tau 0.1") and f"wrote {out}" in printed
     loaded = AttributionTree.load(saved)
     assert loaded.provenance["target_label"] == "pos" and loaded.provenance["n_steps"] == 3
-    assert command.parse_target("1", model) == 1
+    assert loaded.provenance["integration"] == "gausslegendre"
     assert cli.main(["tree", "--model", "x", "--text", "w1", "--target", "nope"]) == 2
+    assert "unknown class 'nope'; the model's classes: neg, neu, pos" in capsys.readouterr().err
+    # the one class parser: names first, then indices; None is the predicted class
+    assert [class_index(t, model) for t in ("pos", "1", 0, None)] == [2, 1, 0, None]
+    assert label_names(model) == ["neg", "neu", "pos"]
+    with pytest.raises(HeadpruneError, match=r"class index 3 outside 0\.\.2"):
+        class_index("3", model)
     assert cli.main(["tree", "--model", "x", "--text", "w1", "--out", str(tmp_path / "t.doc")]) == 2
     assert "unsupported tree output" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_minilm_tree_is_a_tree():
-    from attribution.models import load_classifier
+    from prune.checkpoints import load_model
 
-    model, tokenizer = load_classifier("minilm", num_labels=3)
+    model, tokenizer = load_model("minilm")
     tree = attribution_tree(model, tokenizer, "the flight was delayed again, unbelievable", tau=0.2, n_steps=3,
-                            method="gausslegendre")
+                            integration="gausslegendre")
     assert_is_tree(tree)
     assert len(tree.members) >= 3
     assert any(n.text == "unbelievable" for n in tree.nodes)  # WordPiece pieces merged back into words

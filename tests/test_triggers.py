@@ -16,9 +16,9 @@ from attribution.core.errors import HeadpruneError
 from attribution.triggers import (
     TriggerPattern,
     TriggerReport,
-    _insert,
     attack_triggers,
     insert_into_segment,
+    insert_pattern,
     insertion_slots,
     mine_triggers,
     random_pool,
@@ -91,7 +91,7 @@ def trained(tokenizer):
 @pytest.fixture(scope="module")
 def report(trained, tokenizer):
     model, train, _ = trained
-    return mine_triggers(model, tokenizer, train, examples=120, n_steps=4, method="gausslegendre", progress=False)
+    return mine_triggers(model, tokenizer, train, examples=120, n_steps=4, integration="gausslegendre", progress=False)
 
 
 def test_mining_recovers_the_deciding_pair(report):
@@ -134,13 +134,28 @@ def test_report_round_trip(tmp_path, trained, tokenizer, report):
     loaded = TriggerReport.load(path)
     assert loaded == attacked
     data = json.loads(path.read_text())
-    assert list(data["patterns"]) == ["no", "yes"]
-    assert data["patterns"]["yes"][0]["tokens"] == ["alpha", "beta"]
-    assert data["attacks"][0]["drop"] == pytest.approx(attacked.attacks[0].drop)
+    assert data["format"] == "headprune.trigger_report" and data["version"] == 2
+    assert data["label_names"] == ["no", "yes"] and len(data["patterns"]) == 2  # one list per class index
+    assert data["patterns"][1][0]["tokens"] == ["alpha", "beta"]
     assert "alpha beta" in loaded.summary()
+    # a version-1 file (patterns keyed by class name, derived numbers written out) still loads
+    old = {
+        **data,
+        "version": 1,
+        "patterns": {
+            name: [p | {"mean_score": 0.0} for p in pats]
+            for name, pats in zip(data["label_names"], data["patterns"], strict=True)
+        },
+        "attacks": [a | {"drop": 0.0, "random_drop": 0.0} for a in data["attacks"]],
+    }
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    assert TriggerReport.load(tmp_path / "v1.json") == attacked
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    with pytest.raises(HeadpruneError, match="not a headprune trigger report"):
+    with pytest.raises(HeadpruneError, match="expected a headprune.trigger_report file"):
+        TriggerReport.load(bad)
+    bad.write_text(json.dumps({**data, "attacks": [{"label": 0}]}))
+    with pytest.raises(HeadpruneError, match=r"bad\.json\.attacks\[0\]: missing key 'rank'"):
         TriggerReport.load(bad)
 
 
@@ -167,12 +182,12 @@ def test_insert_into_segment_and_pairs():
     example = ([2, 10, 11, 12, 3, 20, 21, 3], [0, 0, 0, 0, 0, 1, 1, 1], [None, 0, 0, 0, None, 1, 1, None])
     pattern = TriggerPattern(label=0, tokens=["a", "b"], token_ids=[7, 8], segments=[0, 1], positions=[0.0, 1.0],
                              count=1, score=1.0, max_score=1.0)
-    ids, types = _insert(example, pattern.token_ids, pattern)
+    ids, types = insert_pattern(example, pattern.token_ids, pattern)
     assert ids == [2, 7, 10, 11, 12, 3, 20, 21, 8, 3]
     assert types == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
     # a pattern from the second text of a pair, applied to a single text: goes to the first
     single = ([2, 10, 11, 3], [0, 0, 0, 0], [None, 0, 0, None])
-    assert _insert(single, [9], TriggerPattern(0, ["x"], [9], [1], [1.0], 1, 1.0, 1.0))[0] == [2, 10, 11, 9, 3]
+    assert insert_pattern(single, [9], TriggerPattern(0, ["x"], [9], [1], [1.0], 1, 1.0, 1.0))[0] == [2, 10, 11, 9, 3]
 
 
 def test_random_pool_excludes_special_and_pieces(tokenizer):
@@ -192,7 +207,9 @@ def test_sentence_pair_mining(tokenizer):
     with torch.no_grad():
         encoding = tokenizer(list(data["text"]), list(data["text_pair"]), padding=True, return_tensors="pt")
         predicted = model(**encoding).logits.argmax(-1).tolist()
-    report = mine_triggers(model, tokenizer, data, examples=None, n_steps=2, method="gausslegendre", progress=False)
+    report = mine_triggers(
+        model, tokenizer, data, examples=None, n_steps=2, integration="gausslegendre", progress=False
+    )
     correct = sum(p == y for p, y in zip(predicted, data["label"], strict=True))
     assert report.stats["correct"] == correct
     for pats in report.patterns:
@@ -218,17 +235,17 @@ def test_cli_triggers(tmp_path, monkeypatch, capsys, trained, tokenizer):
 
     model, train, held = trained
     splits = datasets.DatasetDict({"train": train, "validation": held, "test": held})
-    monkeypatch.setattr("attribution.models.load_classifier", lambda name, **kw: (model, tokenizer))
-    monkeypatch.setattr("prune.finetune.resolve_model", lambda name, **kw: name)
+    monkeypatch.setattr("prune.checkpoints.load_model", lambda name, **kw: (model, tokenizer))
     monkeypatch.setattr("attribution.core.data.load_splits", lambda spec: splits)
     out = tmp_path / "triggers.json"
-    code = cli.main(["triggers", "--model", "x", "--data", "synthetic", "--examples", "60", "--steps", "3",
-                     "--method", "gausslegendre", "--out", str(out), "--attack", "--top-k", "1",
+    code = cli.main(["triggers", "--model", "x", "--data", "synthetic", "--examples", "60", "--n-steps", "3",
+                     "--integration", "gausslegendre", "--out", str(out), "--attack", "--top-k", "1",
                      "--attack-examples", "80", "--random-trials", "1", "--quiet"])
     assert code == 0
     report = TriggerReport.load(out)
     assert report.top(1, 1)[0].tokens == ["alpha", "beta"]
     assert report.provenance["attack"]["split"] == "validation" and report.provenance["n_steps"] == 3
+    assert report.provenance["integration"] == "gausslegendre" and report.provenance["data"] == "synthetic"
     assert len(report.attacks) == 2
     # attack again from the saved patterns, without mining
     again = tmp_path / "again.json"

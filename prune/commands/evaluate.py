@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        metavar="DIR",
-        help="model directory (pruned by headprune or dense), or 'default' for the embedded classifier",
+        metavar="MODEL",
+        help="a model directory (pruned by headprune or dense), 'default' (the embedded classifier, "
+        "fine-tuned on first use), 'minilm' or a hub id",
     )
     parser.add_argument(
         "--data",

@@ -10,8 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="default",
-        help="'default' (the embedded MiniLM tweets classifier, fine-tuned if not cached), "
-        "a local directory or a hub id (default: %(default)s)",
+        help="'default' (the embedded MiniLM tweets classifier, fine-tuned on first use), 'minilm', "
+        "a model directory (pruned ones too) or a hub id (default: %(default)s)",
     )
     parser.add_argument("--text", required=True, help="the text to explain")
     parser.add_argument("--text-pair", default=None, help="second text, for sentence-pair models")
@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", default=None, help="class to explain, by name or index (default: the predicted class)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="quadrature steps for attattr (4) and ig (20)")
+    parser.add_argument(
+        "--n-steps", type=int, default=None, help="quadrature nodes for attattr (default 4) and ig (default 20)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random: seed (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens after truncation (default: %(default)s)")
     parser.add_argument("--out", default="explain.html", metavar="HTML", help="the page (default: %(default)s)")
@@ -36,24 +38,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def method_options(args: argparse.Namespace) -> dict[str, dict]:
     options: dict[str, dict] = {"random": {"seed": args.seed}}
-    if args.steps is not None:
-        if args.steps < 1:
+    if args.n_steps is not None:
+        if args.n_steps < 1:
             from attribution.core.errors import HeadpruneError
 
-            raise HeadpruneError(f"--steps must be at least 1, got {args.steps}")
-        options["attattr"] = {"n_steps": args.steps}
-        options["ig"] = {"n_steps": args.steps}
+            raise HeadpruneError(f"--n-steps must be at least 1, got {args.n_steps}")
+        options["attattr"] = {"n_steps": args.n_steps}
+        options["ig"] = {"n_steps": args.n_steps}
     return options
 
 
 def run(args: argparse.Namespace) -> int:
     from attribution.explain_html import explain_text
-    from attribution.models import load_classifier
     from attribution.relevance import parse_methods
-    from prune.finetune import resolve_model
+    from prune.checkpoints import load_model
 
     methods = parse_methods(args.methods)  # fail on a typo before loading anything
-    model, tokenizer = load_classifier(resolve_model(args.model))
+    model, tokenizer = load_model(args.model)
     explanation = explain_text(
         model,
         tokenizer,

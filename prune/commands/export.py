@@ -7,7 +7,12 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the export options."""
-    parser.add_argument("--model", required=True, metavar="DIR", help="model directory (pruned or dense)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="a model directory (pruned or dense), 'default', 'minilm' or a hub id",
+    )
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="FILE", help="where to write, e.g. model.onnx")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
@@ -26,12 +31,12 @@ def run(args: argparse.Namespace) -> int:
     """Export, check against PyTorch, print the file, the difference and (optionally) latency."""
     from attribution.core.errors import HeadpruneError
     from attribution.instrument import kept_heads
+    from prune.checkpoints import load_model
     from prune.export import example_batch, export_and_check
-    from prune.surgery import load_pruned
 
     if args.opset < 14:
         raise HeadpruneError(f"--opset must be at least 14, got {args.opset}")
-    model, _ = load_pruned(args.model, tokenizer=False)
+    model, _ = load_model(args.model, tokenizer=False)
     latency = None
     if args.latency:
         latency = {size: example_batch(model, batch_size=size, length=64, padded=False) for size in (1, 32)}

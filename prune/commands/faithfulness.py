@@ -12,8 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="default",
-        help="'default' (the embedded MiniLM tweets classifier, fine-tuned if not cached), "
-        "a local directory or a hub id (default: %(default)s)",
+        help="'default' (the embedded MiniLM tweets classifier, fine-tuned on first use), 'minilm', "
+        "a model directory (pruned ones too) or a hub id (default: %(default)s)",
     )
     add_data_arguments(parser)
     parser.add_argument(
@@ -28,8 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'all' or a comma list of: attention, rollout, gae, grad_attention, tokentm, attattr, ig, random "
         "(default: %(default)s)",
     )
-    parser.add_argument("--attattr-steps", type=int, default=4, help="Gauss-Legendre nodes (default: %(default)s)")
-    parser.add_argument("--ig-steps", type=int, default=20, help="Gauss-Legendre nodes (default: %(default)s)")
+    parser.add_argument(
+        "--attattr-n-steps", type=int, default=4, help="attattr: Gauss-Legendre nodes (default: %(default)s)"
+    )
+    parser.add_argument("--ig-n-steps", type=int, default=20, help="ig: Gauss-Legendre nodes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random: seed (default: %(default)s)")
     parser.add_argument(
         "--fractions",
@@ -51,11 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from attribution.core.data import iter_batches, load_splits
     from attribution.core.errors import HeadpruneError
     from attribution.faithfulness import DEFAULT_FRACTIONS, faithfulness
-    from attribution.models import load_classifier
     from attribution.relevance import default_method_options, parse_methods, special_token_ids
-    from prune.finetune import resolve_model
+    from prune.checkpoints import load_model
 
-    for name in ("examples", "batch_size", "forward_batch_size", "attattr_steps", "ig_steps"):
+    for name in ("examples", "batch_size", "forward_batch_size", "attattr_n_steps", "ig_n_steps"):
         if getattr(args, name) < 1:
             raise HeadpruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     methods = parse_methods(args.methods)
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             fractions = tuple(float(f) for f in args.fractions.split(","))
         except ValueError:
             raise HeadpruneError(f"--fractions must be comma-separated numbers, got {args.fractions!r}") from None
-    model, tokenizer = load_classifier(resolve_model(args.model, progress=not args.quiet))
+    model, tokenizer = load_model(args.model, progress=not args.quiet)
     split = load_splits(data_spec(args))[args.split]
     split = split.select(range(min(args.examples, len(split))))
     batches = iter_batches(
@@ -74,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     options = default_method_options(
         tokenizer,
         {
-            "attattr": {"n_steps": args.attattr_steps},
-            "ig": {"n_steps": args.ig_steps},
+            "attattr": {"n_steps": args.attattr_n_steps},
+            "ig": {"n_steps": args.ig_n_steps},
             "random": {"seed": args.seed},
         },
     )

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from attribution.models import DEFAULT_BASE_MODEL, DEFAULT_FINETUNE_CONFIG
+from prune.finetune import FinetuneConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the fine-tuning options (defaults: the embedded MiniLM-on-tweets classifier)."""
-    defaults = DEFAULT_FINETUNE_CONFIG
+    """Register the fine-tuning options (defaults: ``FinetuneConfig``'s, which make the embedded
+    MiniLM-on-tweets classifier)."""
+    defaults = FinetuneConfig()
     parser.add_argument(
         "--base",
-        default=DEFAULT_BASE_MODEL,
+        default=defaults.base,
         help="base encoder: 'minilm' (embedded), a local directory or a hub id (default: %(default)s)",
     )
     parser.add_argument(
         "--data",
-        default=defaults["data"],
+        default=defaults.data,
         help="'tweets' (embedded), a hub name[:config] or a .csv/.json/.jsonl file (default: %(default)s)",
     )
     parser.add_argument("--text-column", default=None, help="text column of --data (guessed if omitted)")
@@ -26,19 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train-examples",
         type=int,
-        default=defaults["train_examples"],
+        default=defaults.train_examples,
         help="training examples taken from the train split (default: %(default)s)",
     )
-    parser.add_argument("--epochs", type=int, default=defaults["epochs"], help="(default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="(default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
     parser.add_argument(
         "--max-length",
         type=int,
-        default=defaults["max_length"],
+        default=defaults.max_length,
         help="tokens per example after truncation (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=defaults["seed"], help="training seed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="training seed (default: %(default)s)")
     parser.add_argument(
         "--out",
         default=None,
