@@ -138,7 +138,7 @@ class AttAttr:
         inputs: dict[str, torch.Tensor],
         target: int | torch.Tensor | list[int] | None = None,
         n_steps: int = 20,
-        method: str = "riemann_right",
+        integration: str = "riemann_right",
         layers: list[int] | None = None,
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
@@ -151,8 +151,9 @@ class AttAttr:
             target: class per example: None (the predicted class), an int, or ``[B]`` (e.g. gold labels).
             n_steps: quadrature nodes (model evaluations per example and layer; a node at alpha = 1
                 is shared by all layers).
-            method: ``riemann_right`` (default; the paper's sum), ``riemann_left`` (the authors'
-                code), ``riemann_middle``, ``riemann_trapezoid``, ``gausslegendre`` or
+            integration: the quadrature rule: ``riemann_right`` (default; the paper's sum),
+                ``riemann_left`` (the authors' code), ``riemann_middle``, ``riemann_trapezoid``,
+                ``gausslegendre`` or
                 ``gaussradau`` (recommended with ``n_steps=3``: a quarter of the paper setting's
                 completeness error, about 11x faster than the authors' procedure; see the README).
             layers: layer indices to attribute (default all), in the order returned.
@@ -167,7 +168,9 @@ class AttAttr:
             zero on padding rows and columns and on pruned heads), and with
             ``return_convergence_delta`` the delta ``[B, L']``.
         """
-        results = list(self.iter_layers(inputs, target, n_steps, method, layers, internal_batch_size, autocast_dtype))
+        results = list(
+            self.iter_layers(inputs, target, n_steps, integration, layers, internal_batch_size, autocast_dtype)
+        )
         attributions = torch.stack([r.attributions for r in results], dim=1)
         if return_convergence_delta:
             return attributions, torch.stack([r.delta for r in results], dim=1)
@@ -178,7 +181,7 @@ class AttAttr:
         inputs: dict[str, torch.Tensor],
         target: int | torch.Tensor | list[int] | None = None,
         n_steps: int = 20,
-        method: str = "riemann_right",
+        integration: str = "riemann_right",
         layers: list[int] | None = None,
         internal_batch_size: int | None = None,
         autocast_dtype: torch.dtype | None = None,
@@ -186,7 +189,7 @@ class AttAttr:
         """Like :meth:`attribute`, one layer at a time, so callers can reduce without holding
         ``[B, L, H, T, T]`` (see ``head_importance``)."""
         model = self.model
-        alphas, weights = quadrature(method, n_steps)
+        alphas, weights = quadrature(integration, n_steps)
         batch = validate_inputs(model, inputs)
         n_layers = len(instrument.encoder_layers(model))
         layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]

@@ -12,29 +12,33 @@ signed methods such as ``attattr`` and ``ig`` produce blue).
 from __future__ import annotations
 
 import html
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
 from attribution.core.errors import HeadpruneError
+from attribution.core.inputs import class_index, label_names
+from attribution.core.io import Record, atomic_output, atomic_write_text
 from attribution.relevance import default_method_options, make_relevance, parse_methods
 
 FORMAT = "headprune.Explanation"
 
 
 @dataclass
-class Explanation:
+class Explanation(Record):
     """One input explained by several methods.
 
     ``words`` the displayed words, ``segments`` their segment (0 = text, 1 = text pair),
-    ``relevance`` method -> one value per word, ``seconds`` method -> wall time.
+    ``relevance`` method -> one value per word, ``seconds`` method -> wall time. Saved as JSON
+    (``save``/``load``, format ``headprune.Explanation``).
     """
+
+    FORMAT: ClassVar[str] = FORMAT
 
     text: str
     text_pair: str | None
@@ -47,32 +51,13 @@ class Explanation:
     seconds: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    # ---- persistence ---------------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": 1, **asdict(self)}
+    # ---- persistence (``Record``: to_dict/from_dict/save/load) ---------------------------------
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Explanation:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise HeadpruneError("not a headprune explanation")
-        fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
-        return cls(**fields)
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        from attribution.core.io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Explanation:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise HeadpruneError(f"explanation file not found: {path}") from None
-        except json.JSONDecodeError as error:
-            raise HeadpruneError(f"explanation file {path} is not valid JSON: {error}") from None
+    def from_dict(cls, data: Any, where: str = "") -> Explanation:
+        if isinstance(data, dict) and "format_version" in data:  # written before Record's "version"
+            data = {k: v for k, v in data.items() if k != "format_version"}
+        return super().from_dict(data, where)
 
     # ---- display -------------------------------------------------------------------------------
 
@@ -135,23 +120,20 @@ explained class, scaled per method (hover for raw values). Word pieces are merge
 """
 
     def save_html(self, path: str | os.PathLike[str]) -> Path:
-        from attribution.core.io import atomic_write_text
-
         atomic_write_text(path, self.to_html())
         return Path(path)
 
     def save_png(self, path: str | os.PathLike[str]) -> Path:
-        """Methods in rows, words in columns, colour = scaled relevance (red for, blue against)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """Methods in rows, words in columns, colour = scaled relevance (red for, blue against).
+        Drawn on a matplotlib ``Figure`` (no pyplot state) and written atomically."""
+        from matplotlib.figure import Figure
 
         scaled = self.normalized()
         names = list(scaled)
         grid = [scaled[n] for n in names]
         width = max(6.0, 0.45 * len(self.words) + 2.0)
-        fig, ax = plt.subplots(figsize=(width, 0.5 * len(names) + 1.8))
+        fig = Figure(figsize=(width, 0.5 * len(names) + 1.8))
+        ax = fig.subplots()
         ax.imshow(grid or [[0.0]], cmap="bwr", vmin=-1, vmax=1, aspect="auto")
         ax.set_yticks(range(len(names)), names)
         ax.set_xticks(range(len(self.words)), self.words, rotation=60, ha="right", fontsize=8)
@@ -160,9 +142,8 @@ explained class, scaled per method (hover for raw values). Word pieces are merge
                 ax.axvline(i - 0.5, color="black", linewidth=1.5)
         ax.set_title(f"relevance for '{self.target_name}' (p = {self.probability:.3f})", fontsize=10)
         fig.tight_layout()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120)
         return Path(path)
 
 
@@ -248,6 +229,7 @@ def explain_text(
     if not isinstance(text, str) or not text.strip():
         raise HeadpruneError("the text to explain is empty")
     names = parse_methods(methods)
+    target_id = class_index(target, model)
     encoding = tokenizer(
         text, text_pair, truncation=True, max_length=max_length, return_tensors="pt",
         return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)),
@@ -257,18 +239,8 @@ def explain_text(
     inputs = {k: v.to(device) for k, v in inputs.items()}
     with torch.no_grad():
         probs = torch.softmax(model(**inputs).logits.float(), dim=-1)[0]
-    label_names = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
-    if target is None:
+    if target_id is None:
         target_id = int(probs.argmax())
-    elif isinstance(target, str) and not target.lstrip("-").isdigit():
-        lookup = {v: k for k, v in label_names.items()}
-        if target not in lookup:
-            raise HeadpruneError(f"unknown class {target!r}; the model's classes: {', '.join(lookup)}")
-        target_id = lookup[target]
-    else:
-        target_id = int(target)
-        if not 0 <= target_id < probs.numel():
-            raise HeadpruneError(f"target class must lie in 0..{probs.numel() - 1}, got {target_id}")
 
     options = default_method_options(tokenizer, method_options)
     token_values: dict[str, list[float]] = {}
@@ -289,7 +261,7 @@ def explain_text(
         segments=segments,
         relevance=values,
         target=target_id,
-        target_name=label_names.get(target_id, str(target_id)),
+        target_name=label_names(model)[target_id],
         probability=float(probs[target_id]),
         seconds=seconds,
         provenance={

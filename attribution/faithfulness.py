@@ -26,14 +26,12 @@ rows each): transformers has milliseconds of fixed overhead per call.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -42,7 +40,7 @@ from transformers import PreTrainedModel
 
 from attribution.core.errors import HeadpruneError
 from attribution.core.inputs import inference_setup, validate_inputs
-from attribution.core.io import atomic_write_text
+from attribution.core.io import Record, atomic_output
 from attribution.relevance import TokenRelevance, make_relevance, special_token_ids  # noqa: F401 (re-export)
 
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0 .. 0.9
@@ -147,9 +145,12 @@ class MethodFaithfulness:
 
 
 @dataclass
-class FaithfulnessResult:
+class FaithfulnessResult(Record):
     """The benchmark's outcome: per method a :class:`MethodFaithfulness`, plus the grid and
-    provenance (model, data, examples, batch sizes, versions). Saves/loads JSON atomically."""
+    provenance (model, data, examples, batch sizes, versions). Saves/loads JSON atomically
+    (``save``/``load``, format ``headprune.FaithfulnessResult``)."""
+
+    FORMAT: ClassVar[str] = FORMAT
 
     fractions: list[float]
     bins: list[float]
@@ -159,39 +160,11 @@ class FaithfulnessResult:
     methods: dict[str, MethodFaithfulness]
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        return {"format": FORMAT, "format_version": 1, **data}
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FaithfulnessResult:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise HeadpruneError("not a headprune faithfulness result")
-        methods = {name: MethodFaithfulness(**values) for name, values in data["methods"].items()}
-        return cls(
-            fractions=list(data["fractions"]),
-            bins=list(data["bins"]),
-            examples=int(data["examples"]),
-            accuracy=float(data["accuracy"]),
-            reference=str(data["reference"]),
-            methods=methods,
-            provenance=dict(data.get("provenance", {})),
-        )
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write JSON atomically; returns the path."""
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> FaithfulnessResult:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise HeadpruneError(f"faithfulness file not found: {path}") from None
-        except json.JSONDecodeError as error:
-            raise HeadpruneError(f"faithfulness file {path} is not valid JSON: {error}") from None
-        return cls.from_dict(data)
+    def from_dict(cls, data: Any, where: str = "") -> FaithfulnessResult:
+        if isinstance(data, dict) and "format_version" in data:  # written before Record's "version"
+            data = {k: v for k, v in data.items() if k != "format_version"}
+        return super().from_dict(data, where)
 
     def table(self) -> str:
         """A markdown table, one row per method (arrows: which direction is better)."""
@@ -217,13 +190,12 @@ class FaithfulnessResult:
         return f"{head}\n\n{self.table()}"
 
     def plot(self, path: str | os.PathLike[str] | None = None) -> Any:
-        """Positive and negative accuracy curves per method and the ERASER scores; PNG if ``path``."""
-        import matplotlib
+        """Positive and negative accuracy curves per method and the ERASER scores: a matplotlib
+        ``Figure`` (no pyplot state), also written as PNG (atomically) when ``path`` is given."""
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        fig = Figure(figsize=(15, 4.2))
+        axes = fig.subplots(1, 3)
         x = [100 * f for f in self.fractions]
         for name, m in self.methods.items():
             style = {"linestyle": "--", "color": "gray"} if name == "random" else {}
@@ -248,9 +220,8 @@ class FaithfulnessResult:
         fig.suptitle(f"deletion faithfulness, {self.examples} examples, {model}", fontsize=10)
         fig.tight_layout()
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=120)
-        plt.close(fig)
+            with atomic_output(path) as tmp:
+                fig.savefig(tmp, dpi=120)
         return fig
 
 

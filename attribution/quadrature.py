@@ -15,27 +15,33 @@ import numpy as np
 
 from attribution.core.errors import HeadpruneError
 
-METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre", "gaussradau")
+INTEGRATIONS = (
+    "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre", "gaussradau"
+)
+METHODS = INTEGRATIONS  # the former name, still imported by code outside the quadrature's callers
 
 
-def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:
-    """``(alphas, weights)``, each of length ``n_steps``, with ``sum(weights) == 1``."""
-    if method not in METHODS:
-        raise HeadpruneError(f"unknown integration method {method!r}; choose one of {', '.join(METHODS)}")
-    if not isinstance(n_steps, int) or n_steps < 1 or (method == "riemann_trapezoid" and n_steps < 2):
+def quadrature(integration: str, n_steps: int) -> tuple[list[float], list[float]]:
+    """``(alphas, weights)`` of the rule ``integration``, each of length ``n_steps``, with
+    ``sum(weights) == 1``."""
+    if integration not in INTEGRATIONS:
+        raise HeadpruneError(
+            f"unknown integration method {integration!r}; choose one of {', '.join(INTEGRATIONS)}"
+        )
+    if not isinstance(n_steps, int) or n_steps < 1 or (integration == "riemann_trapezoid" and n_steps < 2):
         raise HeadpruneError(f"n_steps must be a positive integer (>= 2 for trapezoid), got {n_steps!r}")
     m = n_steps
-    if method == "gausslegendre":
+    if integration == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(m)
         return (0.5 * (nodes + 1)).tolist(), (0.5 * weights).tolist()
-    if method == "gaussradau":
+    if integration == "gaussradau":
         return _gauss_radau_right(m)
-    if method == "riemann_trapezoid":
+    if integration == "riemann_trapezoid":
         alphas = np.linspace(0.0, 1.0, m)
         weights = np.full(m, 1.0 / (m - 1))
         weights[[0, -1]] *= 0.5
         return alphas.tolist(), weights.tolist()
-    offset = {"riemann_right": 1.0, "riemann_left": 0.0, "riemann_middle": 0.5}[method]
+    offset = {"riemann_right": 1.0, "riemann_left": 0.0, "riemann_middle": 0.5}[integration]
     return [(k + offset) / m for k in range(m)], [1.0 / m] * m
 
 

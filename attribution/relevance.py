@@ -26,9 +26,10 @@ Methods (``RELEVANCE_METHODS``, by name):
 The attention-based methods read attention probabilities ``A_l`` ``[B, H_l, T, T]`` (and their
 gradients ``dF/dA_l`` of the target logit, upper layers recomputing as usual) through
 ``instrument.AttentionProbe``. Physically pruned heads are simply absent; a layer left with no
-heads mixes no tokens and is skipped (treated as the identity). The pure functions
-(:func:`rollout`, :func:`generic_attention_relevance`, :func:`grad_attention_product`,
-:func:`token_tm`) take those tensors directly, so they can be checked by hand.
+heads mixes no tokens and is skipped (treated as the identity). The pure functions of
+:mod:`attribution.relevance_rules` (:func:`rollout`, :func:`generic_attention_relevance`,
+:func:`grad_attention_product`, :func:`token_tm`; re-exported here) take those tensors directly,
+so they can be checked by hand.
 
 This module also registers the ``gradient_weighted`` head-importance criterion: per head, the mean
 over token pairs of Chefer's weights ``(dF/dA * A)^+``.
@@ -36,7 +37,6 @@ over token pairs of Chefer's weights ``(dF/dA * A)^+``.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -49,7 +49,18 @@ from attribution.attattr import AttAttr
 from attribution.core.errors import HeadpruneError
 from attribution.core.inputs import inference_setup, resolve_target, target_output, validate_inputs
 from attribution.importance import Criterion, _scatter_heads, register_criterion
-from attribution.quadrature import METHODS as QUADRATURE_METHODS
+from attribution.quadrature import INTEGRATIONS
+from attribution.relevance_rules import (  # noqa: F401 (chefer_weights, pair_mask: re-exported)
+    chefer_weights,
+    generic_attention_relevance,
+    grad_attention_product,
+    pair_mask,
+    rollout,
+    token_tm,
+    transformation_weights,
+)
+
+_pair_mask = pair_mask  # the former name (the gradient_weighted criterion uses it)
 
 Target = int | torch.Tensor | list[int] | None
 
@@ -101,151 +112,6 @@ def default_method_options(
     for name, values in (options or {}).items():
         merged[name] = {**merged.get(name, {}), **values}
     return merged
-
-
-# --------------------------------------------------------------------------------------------
-# Pure aggregation rules (attentions and gradients in, relevance out)
-# --------------------------------------------------------------------------------------------
-
-
-def _pair_mask(mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` -> ``[B, T, T]`` float, 1 where both tokens are real."""
-    mask = mask.to(torch.float32)
-    return mask[:, :, None] * mask[:, None, :]
-
-
-def rollout(attentions: Sequence[torch.Tensor | None], mask: torch.Tensor) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema 2020): ``[CLS]`` row of ``prod_l (0.5 mean_h A_l + 0.5 I)``.
-
-    Args:
-        attentions: per layer bottom-up, ``[B, H_l, T, T]`` (None or ``H_l = 0``: layer skipped).
-        mask: ``[B, T]`` attention mask.
-
-    Each ``0.5 mean_h A_l + 0.5 I`` is row-renormalised (rows of padded queries are zeroed first,
-    so they cannot leak mass), and the layers compose as ``R = Â_L ... Â_1``. Returns ``[B, T]``.
-    """
-    pair = _pair_mask(mask)
-    bsz, seq = mask.shape
-    eye = torch.eye(seq, device=mask.device).expand(bsz, seq, seq) * mask.to(torch.float32)[:, :, None]
-    joint = eye.clone()
-    for probs in attentions:
-        if probs is None or probs.shape[1] == 0:
-            continue
-        mixed = 0.5 * probs.float().mean(dim=1) * pair + 0.5 * eye
-        sums = mixed.sum(dim=-1, keepdim=True)
-        mixed = mixed / torch.where(sums > 0, sums, torch.ones_like(sums))
-        joint = torch.bmm(mixed, joint)
-    return joint[:, 0] * mask.to(torch.float32)
-
-
-def chefer_weights(probs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """``(grad * A)^+`` per head: ``[B, H, T, T]`` each -> ``[B, H, T, T]``."""
-    return (grads.float() * probs.float()).clamp_min(0.0)
-
-
-def generic_attention_relevance(
-    attentions: Sequence[torch.Tensor | None], gradients: Sequence[torch.Tensor | None], mask: torch.Tensor
-) -> torch.Tensor:
-    """Chefer et al. (ICCV 2021), self-attention rule: ``R = I``; per layer bottom-up
-    ``Ā = mean_h (∇A ⊙ A)^+`` and ``R <- R + Ā R``; returns the ``[CLS]`` row ``[B, T]``."""
-    pair = _pair_mask(mask)
-    bsz, seq = mask.shape
-    relevance = torch.eye(seq, device=mask.device).expand(bsz, seq, seq).clone()
-    for probs, grads in zip(attentions, gradients, strict=True):
-        if probs is None or probs.shape[1] == 0:
-            continue
-        weights = chefer_weights(probs, grads).mean(dim=1) * pair
-        relevance = relevance + torch.bmm(weights, relevance)
-    return relevance[:, 0] * mask.to(torch.float32)
-
-
-def grad_attention_product(
-    attentions: Sequence[torch.Tensor | None],
-    gradients: Sequence[torch.Tensor | None],
-    mask: torch.Tensor,
-    eps: float = 1e-3,
-    signed: bool = False,
-) -> torch.Tensor:
-    """Gradient x attention multiplied over layers.
-
-    Per layer ``s_l = |mean_h (A ⊙ ∇A)[CLS, :]|`` (with ``signed``, without the absolute value: the
-    rule as DESIGN.md §7 first wrote it) over the real tokens, shifted so its minimum is
-    ``eps * (max - min)`` (``eps`` is relative, so the rule does not depend on the gradients'
-    scale; a constant ``s_l`` becomes all ones and changes nothing); the product over layers is
-    taken as a sum of logs and returned as ``exp(sum - max)``: the largest token gets 1, ratios are
-    the product's. ``[B, T]``, zero on padding.
-    """
-    valid = mask.bool()
-    log_sum = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    for probs, grads in zip(attentions, gradients, strict=True):
-        if probs is None or probs.shape[1] == 0:
-            continue
-        score = (probs.float() * grads.float()).mean(dim=1)[:, 0]  # [B, T]
-        if not signed:
-            score = score.abs()
-        low = score.masked_fill(~valid, math.inf).amin(dim=-1, keepdim=True)
-        high = score.masked_fill(~valid, -math.inf).amax(dim=-1, keepdim=True)
-        spread = high - low
-        shifted = torch.where(spread > 0, score - low + eps * spread, torch.ones_like(score))
-        log_sum = log_sum + torch.log(shifted.masked_fill(~valid, 1.0))
-    top = log_sum.masked_fill(~valid, -math.inf).amax(dim=-1, keepdim=True)
-    return torch.exp(log_sum - top).masked_fill(~valid, 0.0)
-
-
-def transformation_weights(
-    hidden: torch.Tensor, transformed: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """TokenTM's token-transformation measure ``W = length ratio x NECC`` per head and token.
-
-    Args:
-        hidden: ``[B, T, D]`` tokens entering the layer (``x_j``).
-        transformed: ``[B, H, T, D]`` each token as head h transforms it (``T_h(x_j) = v_j W_O^h``).
-        mask: ``[B, T]``.
-
-    ``L_hj = ||T_h(x_j)|| / ||x_j||``; ``NECC_hj = n exp(cos(x_j, T_h(x_j))) / sum_k exp(cos(x_k,
-    T_h(x_k)))`` over the ``n`` real tokens (a softmax of the cosines over tokens, scaled by ``n``
-    so a head that turns every token alike gets 1). Returns ``W`` ``[B, H, T]``, zero on padding.
-    """
-    valid = mask.bool()[:, None, :]
-    x = hidden.float()[:, None]  # [B, 1, T, D]
-    t = transformed.float()
-    length = t.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
-    cosine = torch.nn.functional.cosine_similarity(x.expand_as(t), t, dim=-1, eps=1e-12)
-    necc = torch.softmax(cosine.masked_fill(~valid, -math.inf), dim=-1) * mask.sum(dim=-1)[:, None, None]
-    return (length * necc).masked_fill(~valid, 0.0)
-
-
-def token_tm(
-    attentions: Sequence[torch.Tensor | None],
-    gradients: Sequence[torch.Tensor | None],
-    weights: Sequence[torch.Tensor | None],
-    input_lengths: torch.Tensor,
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """TokenTM aggregation (see :class:`TokenTM` for every choice made).
-
-    Args:
-        attentions, gradients: per layer ``[B, H_l, T, T]``.
-        weights: per layer ``W`` ``[B, H_l, T]`` from :func:`transformation_weights`.
-        input_lengths: ``[B, T]`` L2 norms of the input tokens (the embedding output).
-        mask: ``[B, T]``.
-
-    ``C_0 = diag(|e_j| / mean_k |e_k|)``; per layer ``Ã_h = A_h ⊙ W_h[None, :]`` (column j scaled
-    by how head h transforms token j), ``Ā = mean_h (∇A_h ⊙ Ã_h)^+`` and ``C <- C + Ā C``; returns
-    the ``[CLS]`` row of ``C_L`` ``[B, T]``.
-    """
-    pair = _pair_mask(mask)
-    maskf = mask.to(torch.float32)
-    lengths = input_lengths.float() * maskf
-    lengths = lengths / (lengths.sum(dim=-1, keepdim=True) / maskf.sum(dim=-1, keepdim=True)).clamp_min(1e-12)
-    contribution = torch.diag_embed(lengths)
-    for probs, grads, weight in zip(attentions, gradients, weights, strict=True):
-        if probs is None or probs.shape[1] == 0:
-            continue
-        aware = probs.float() * weight.float()[:, :, None, :]
-        fused = (grads.float() * aware).clamp_min(0.0).mean(dim=1) * pair
-        contribution = contribution + torch.bmm(fused, contribution)
-    return contribution[:, 0] * maskf
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +322,7 @@ class AttAttrRelevance(TokenRelevance):
     (AttAttr is signed); by per-layer completeness the total is ``sum_l (F(A_l) - F(0))``.
 
     Args:
-        n_steps, method: quadrature (default: 4 Gauss-Legendre nodes, median relative
+        n_steps, integration: quadrature (default: 4 Gauss-Legendre nodes, median relative
             completeness error ~0.03% on MiniLM; the paper's 20 right Riemann steps are far worse).
         output: F, ``"probability"`` of the target class (the paper), ``"logit"`` or ``"loss"``.
         internal_batch_size: rows per forward pass inside AttAttr.
@@ -469,17 +335,17 @@ class AttAttrRelevance(TokenRelevance):
         self,
         model: PreTrainedModel,
         n_steps: int = 4,
-        method: str = "gausslegendre",
+        integration: str = "gausslegendre",
         output: str = "probability",
         internal_batch_size: int | None = None,
     ) -> None:
         super().__init__(model)
         self.explainer = AttAttr(model, output=output)  # validates output
-        self.n_steps, self.method, self.output = n_steps, method, output
+        self.n_steps, self.integration, self.output = n_steps, integration, output
         self.internal_batch_size = internal_batch_size
 
     def options(self) -> dict[str, Any]:
-        return {"n_steps": self.n_steps, "method": self.method, "output": self.output}
+        return {"n_steps": self.n_steps, "integration": self.integration, "output": self.output}
 
     def attribute(self, inputs: dict[str, torch.Tensor], target: Target = None) -> torch.Tensor:
         if self.fixed_attention:
@@ -487,7 +353,7 @@ class AttAttrRelevance(TokenRelevance):
         batch = validate_inputs(self.model, inputs)
         total = torch.zeros(batch["input_ids"].shape, dtype=torch.float32, device=batch["input_ids"].device)
         for result in self.explainer.iter_layers(
-            batch, target, self.n_steps, self.method, None, self.internal_batch_size
+            batch, target, self.n_steps, self.integration, None, self.internal_batch_size
         ):
             total += result.attributions.sum(dim=(1, 2))  # [B, H, T(query), T(key)] -> [B, T(key)]
         return total * batch["attention_mask"].to(torch.float32)
@@ -503,7 +369,8 @@ class IntegratedGradientsEmbeddings(TokenRelevance):
     kept; position and segment embeddings are not interpolated.
 
     Args:
-        n_steps, method: captum's quadrature (``gausslegendre`` is captum's default).
+        n_steps, integration: captum's quadrature (its ``method``; ``gausslegendre`` is captum's
+            default).
         output: F, ``"probability"`` of the target class (default) or ``"logit"``.
         internal_batch_size: rows per forward pass (default: all steps of 8 examples).
         special_ids: token ids kept in the baseline.
@@ -516,7 +383,7 @@ class IntegratedGradientsEmbeddings(TokenRelevance):
         self,
         model: PreTrainedModel,
         n_steps: int = 20,
-        method: str = "gausslegendre",
+        integration: str = "gausslegendre",
         output: str = "probability",
         internal_batch_size: int | None = None,
         special_ids: Sequence[int] | None = None,
@@ -526,16 +393,16 @@ class IntegratedGradientsEmbeddings(TokenRelevance):
             raise HeadpruneError(f"ig output must be 'probability' or 'logit', got {output!r}")
         if not isinstance(n_steps, int) or n_steps < 1:
             raise HeadpruneError(f"n_steps must be a positive integer, got {n_steps!r}")
-        captum_methods = [m for m in QUADRATURE_METHODS if m != "gaussradau"]  # captum has no Radau rule
-        if method not in captum_methods:
-            raise HeadpruneError(f"ig method must be one of {', '.join(captum_methods)}, got {method!r}")
-        self.n_steps, self.method, self.output = n_steps, method, output
+        captum_rules = [m for m in INTEGRATIONS if m != "gaussradau"]  # captum has no Radau rule
+        if integration not in captum_rules:
+            raise HeadpruneError(f"ig integration must be one of {', '.join(captum_rules)}, got {integration!r}")
+        self.n_steps, self.integration, self.output = n_steps, integration, output
         self.internal_batch_size = internal_batch_size
         self.special_ids = None if special_ids is None else [int(i) for i in special_ids]
         self.last_delta: torch.Tensor | None = None  # [B] completeness gap of the last call
 
     def options(self) -> dict[str, Any]:
-        return {"n_steps": self.n_steps, "method": self.method, "output": self.output}
+        return {"n_steps": self.n_steps, "integration": self.integration, "output": self.output}
 
     def baseline_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, T]`` baseline ids: real non-special tokens -> pad id."""
@@ -585,7 +452,7 @@ class IntegratedGradientsEmbeddings(TokenRelevance):
                     target=target_ids,
                     additional_forward_args=tuple(batch[k] for k in extra_keys),
                     n_steps=self.n_steps,
-                    method=self.method,
+                    method=self.integration,
                     internal_batch_size=rows,
                     return_convergence_delta=True,
                 )

@@ -41,16 +41,15 @@ Choices the paper leaves open, made deliberately here:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from attribution.core.errors import HeadpruneError
-from attribution.core.io import atomic_write_text
+from attribution.core.inputs import class_index, label_names
+from attribution.core.io import Record
 
 FORMAT_VERSION = 1
 DEFAULT_TAU = 0.4
@@ -88,13 +87,17 @@ class TreeEdge:
 
 
 @dataclass
-class AttributionTree:
+class AttributionTree(Record):
     """The attribution tree of one input.
 
     ``nodes`` lists every unit of the input (in the tree or not); ``edges`` are in the order they
     were added (top layer first); ``root`` is a node index (``None`` only when no node can be a
-    root). ``provenance`` says how it was made (model, prediction, steps, ...).
+    root). ``provenance`` says how it was made (model, prediction, n_steps, integration, ...).
+    Saved as JSON (``save``/``load``, format ``headprune.attribution_tree``).
     """
+
+    FORMAT: ClassVar[str] = "headprune.attribution_tree"
+    VERSION: ClassVar[int] = FORMAT_VERSION
 
     nodes: list[TreeNode]
     edges: list[TreeEdge]
@@ -156,54 +159,20 @@ class AttributionTree:
         """The display text of a node."""
         return self.nodes[node].text
 
-    # ---- serialisation -------------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``from_dict`` inverts it)."""
-        return {
-            "format": "headprune.attribution_tree",
-            "version": FORMAT_VERSION,
-            "root": self.root,
-            "tau": self.tau,
-            "num_layers": self.num_layers,
-            "nodes": [asdict(n) for n in self.nodes],
-            "edges": [asdict(e) for e in self.edges],
-            "provenance": self.provenance,
-        }
+    # ---- serialisation (``Record``: to_dict/from_dict/save/load) --------------------------------
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AttributionTree:
-        if data.get("format") != "headprune.attribution_tree":
-            raise HeadpruneError("not a headprune attribution tree (missing format marker)")
-        if int(data.get("version", 0)) > FORMAT_VERSION:
-            raise HeadpruneError(f"attribution tree format {data['version']} is newer than this headprune")
-        tree = cls(
-            nodes=[TreeNode(**n) for n in data["nodes"]],
-            edges=[TreeEdge(**e) for e in data["edges"]],
-            root=data["root"],
-            tau=float(data["tau"]),
-            num_layers=int(data["num_layers"]),
-            provenance=dict(data.get("provenance", {})),
-        )
-        tree.validate()
+    def from_dict(cls, data: Any, where: str = "") -> AttributionTree:
+        """The tree in ``data`` (``to_dict``'s output), checked to be a tree."""
+        tree = super().from_dict(data, where)
+        try:
+            tree.validate()
+        except HeadpruneError as error:
+            raise HeadpruneError(f"{where or cls.__name__}: {error}") from None
         return tree
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write JSON atomically."""
-        atomic_write_text(path, self.to_json() + "\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> AttributionTree:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise HeadpruneError(f"attribution tree file not found: {path}") from None
-        except json.JSONDecodeError as error:
-            raise HeadpruneError(f"{path} is not valid JSON: {error}") from None
-        return cls.from_dict(data)
 
     # ---- text ------------------------------------------------------------------------------------
 
@@ -501,8 +470,8 @@ def attribution_tree(
     *,
     tau: float = DEFAULT_TAU,
     n_steps: int = 20,
-    method: str = "riemann_right",
-    target: int | None = None,
+    integration: str = "riemann_right",
+    target: int | str | None = None,
     output: str = "probability",
     word_level: bool = True,
     special_tokens: SpecialTokens = "keep",
@@ -513,9 +482,9 @@ def attribution_tree(
 
     Args:
         text, text_pair: the input (a sentence, or a sentence pair).
-        target: the class to explain (default: the predicted class).
-        n_steps, method, output: passed to ``AttAttr`` (the paper: 20 or 64 Riemann steps on the
-            probability; ``gausslegendre`` with 4-6 nodes is far more exact for the same cost).
+        target: the class to explain, by index or name (default: the predicted class).
+        n_steps, integration, output: passed to ``AttAttr`` (the paper: 20 or 64 Riemann steps on
+            the probability; ``gausslegendre`` with 4-6 nodes is far more exact for the same cost).
         max_length: truncation (tokens).
     """
     from attribution.attattr import AttAttr
@@ -524,6 +493,7 @@ def attribution_tree(
         raise HeadpruneError("the text to explain is empty")
     if text_pair is not None and not text_pair.strip():
         raise HeadpruneError("--text-pair is empty")
+    target = class_index(target, model)
     encoding = tokenizer(text, text_pair, truncation=True, max_length=max_length, return_tensors="pt")
     info = TokenInfo.from_encoding(encoding, tokenizer)
     batch = {k: v for k, v in encoding.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -532,7 +502,7 @@ def attribution_tree(
         batch,
         target=target,
         n_steps=n_steps,
-        method=method,
+        integration=integration,
         internal_batch_size=internal_batch_size,
         return_convergence_delta=True,
     )
@@ -540,8 +510,8 @@ def attribution_tree(
         logits = model(**{k: v.to(next(model.parameters()).device) for k, v in batch.items()}).logits[0].float()
     probs = torch.softmax(logits, dim=-1)
     predicted = int(probs.argmax())
-    explained = predicted if target is None else int(target)
-    names = _label_names(model, int(probs.numel()))
+    explained = predicted if target is None else target
+    names = label_names(model)
     provenance = {
         "model": str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")),
         "text": text,
@@ -552,7 +522,7 @@ def attribution_tree(
         "target_label": names[explained],
         "output": output,
         "n_steps": n_steps,
-        "method": method,
+        "integration": integration,
         "max_abs_delta": float(delta.abs().max()),
     }
     return tree_from_attributions(
@@ -564,8 +534,3 @@ def attribution_tree(
         tokenizer=tokenizer,
         provenance=provenance,
     )
-
-
-def _label_names(model: Any, classes: int) -> list[str]:
-    mapping = getattr(model.config, "id2label", None) or {}
-    return [str(mapping.get(i, mapping.get(str(i), i))) for i in range(classes)]

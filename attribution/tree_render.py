@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from attribution.core.errors import HeadpruneError
 from attribution.core.io import atomic_output, atomic_write_text
-from attribution.tree import AttributionTree
+from attribution.tree import DEFAULT_TAU, AttributionTree, SpecialTokens, attribution_tree
 
 FORMATS = (".png", ".pdf", ".svg", ".html", ".htm", ".txt", ".json")
 SEGMENT_FILL = {0: "#dbe9f6", 1: "#fde3c8", None: "#e6e6e6"}
@@ -235,7 +237,9 @@ def render_html(tree: AttributionTree) -> str:
         for e in tree.edges
     )
     details = ", ".join(
-        f"{k}: {html.escape(str(p[k]))}" for k in ("model", "method", "n_steps", "output", "max_abs_delta") if k in p
+        f"{k}: {html.escape(str(p[k]))}"
+        for k in ("model", "integration", "n_steps", "output", "max_abs_delta")
+        if k in p
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>attribution tree</title>
@@ -261,9 +265,8 @@ def save_tree(tree: AttributionTree, path: str | os.PathLike[str], *, dpi: int =
 
     Returns the format used.
     """
+    check_outputs([path])
     suffix = Path(path).suffix.lower()
-    if suffix not in FORMATS:
-        raise HeadpruneError(f"unsupported tree output {Path(path).name!r}: use one of {', '.join(FORMATS)}")
     if suffix in (".png", ".pdf"):
         render_png(tree, path, dpi=dpi)
     elif suffix == ".svg":
@@ -275,3 +278,53 @@ def save_tree(tree: AttributionTree, path: str | os.PathLike[str], *, dpi: int =
     else:
         tree.save(path)
     return suffix.lstrip(".")
+
+
+def check_outputs(outputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse any path whose suffix is not a tree format (before anything slow runs)."""
+    for out in outputs:
+        if Path(out).suffix.lower() not in FORMATS:
+            raise HeadpruneError(f"unsupported tree output {Path(out).name!r}: use one of {', '.join(FORMATS)}")
+
+
+def write_tree(
+    model: Any,
+    tokenizer: Any,
+    text: str,
+    outputs: Sequence[str | os.PathLike[str]],
+    *,
+    text_pair: str | None = None,
+    tau: float = DEFAULT_TAU,
+    n_steps: int = 20,
+    integration: str = "riemann_right",
+    target: int | str | None = None,
+    output: str = "probability",
+    word_level: bool = True,
+    special_tokens: SpecialTokens = "keep",
+    max_length: int = 128,
+    internal_batch_size: int | None = None,
+) -> AttributionTree:
+    """Build the attribution tree of one input and write it to every path in ``outputs`` (format by
+    suffix, each file atomically; none is written when a suffix is unsupported); returns the tree.
+
+    The options are ``attribution.tree.attribution_tree``'s; ``outputs`` may be empty.
+    """
+    check_outputs(outputs)
+    tree = attribution_tree(
+        model,
+        tokenizer,
+        text,
+        text_pair,
+        tau=tau,
+        n_steps=n_steps,
+        integration=integration,
+        target=target,
+        output=output,
+        word_level=word_level,
+        special_tokens=special_tokens,
+        max_length=max_length,
+        internal_batch_size=internal_batch_size,
+    )
+    for out in outputs:
+        save_tree(tree, out)
+    return tree

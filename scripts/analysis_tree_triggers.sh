@@ -14,10 +14,10 @@ mkdir -p "$OUT"
 
 TWEET=$(python -c "from attribution.core.data import load_splits; print(load_splits('tweets')['test'][1]['text'])")
 echo "tweet: $TWEET"
-time headprune tree --model default --text "$TWEET" --steps 6 --method gausslegendre --tau 0.4 \
+time headprune tree --model default --text "$TWEET" --n-steps 6 --integration gausslegendre --tau 0.4 \
     --out "$OUT/tree.txt" --out "$OUT/tree.png" --out "$OUT/tree.html" --out "$OUT/tree.json"
 
 time headprune triggers --model default --data tweets --split train --examples 500 \
-    --steps 4 --method gausslegendre --pairs 2 --seed 0 \
+    --n-steps 4 --integration gausslegendre --pairs 2 --seed 0 \
     --attack --top-k 5 --attack-split validation --attack-examples 1000 --random-trials 3 \
     --out "$OUT/triggers.json" | tee "$OUT/triggers.txt"

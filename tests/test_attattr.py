@@ -23,10 +23,10 @@ def batch():
     return padded_batch(seed=5)
 
 
-@pytest.mark.parametrize("method", ["riemann_right", "riemann_left", "gausslegendre", "gaussradau"])
-def test_equals_slow_reference(bert, batch, method):
-    fast, delta = AttAttr(bert).attribute(batch, n_steps=7, method=method, return_convergence_delta=True)
-    slow, slow_delta = reference_attattr(bert, batch, n_steps=7, method=method)
+@pytest.mark.parametrize("integration", ["riemann_right", "riemann_left", "gausslegendre", "gaussradau"])
+def test_equals_slow_reference(bert, batch, integration):
+    fast, delta = AttAttr(bert).attribute(batch, n_steps=7, integration=integration, return_convergence_delta=True)
+    slow, slow_delta = reference_attattr(bert, batch, n_steps=7, method=integration)
     assert fast.shape == (3, 3, 4, 7, 7) and delta.shape == (3, 3)
     torch.testing.assert_close(fast.double(), slow, atol=1e-5, rtol=0)
     torch.testing.assert_close(delta.double(), slow_delta, atol=1e-5, rtol=0)
@@ -43,9 +43,9 @@ def test_equals_slow_reference_other_families(family):
 
 
 @pytest.mark.parametrize(
-    "method", ["riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
+    "integration", ["riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
 )
-def test_equals_captum_integrated_gradients(method):
+def test_equals_captum_integrated_gradients(integration):
     """captum's IG of the per-layer function F(A_l) with a zero baseline is AttAttr by definition.
 
     captum's trapezoid weights sum to (n-1)/n (its alphas are spaced 1/(n-1) but its steps are 1/n);
@@ -67,11 +67,11 @@ def test_equals_captum_integrated_gradients(method):
         return torch.softmax(out, dim=-1)[:, target]
 
     expected = IntegratedGradients(forward).attribute(
-        attention, baselines=torch.zeros_like(attention), n_steps=9, method=method
+        attention, baselines=torch.zeros_like(attention), n_steps=9, method=integration
     )
-    if method == "riemann_trapezoid":
+    if integration == "riemann_trapezoid":
         expected = expected * 9 / 8
-    ours = AttAttr(bert).attribute(example, n_steps=9, method=method, layers=[layer])
+    ours = AttAttr(bert).attribute(example, n_steps=9, integration=integration, layers=[layer])
     assert expected.abs().max() > 1e-2  # attributions large enough for the comparison to mean something
     torch.testing.assert_close(ours[0, 0], expected[0].float(), atol=1e-6, rtol=1e-4)
 
@@ -85,7 +85,7 @@ def test_completeness_improves_with_steps_and_gauss_legendre_is_within_one_perce
         _, delta = explainer.attribute(batch, n_steps=steps, return_convergence_delta=True)
         errors[steps] = delta.abs().mean().item()
     assert errors[2] > errors[5] > errors[20]
-    attr, delta = explainer.attribute(batch, n_steps=20, method="gausslegendre", return_convergence_delta=True)
+    attr, delta = explainer.attribute(batch, n_steps=20, integration="gausslegendre", return_convergence_delta=True)
     gap = attr.sum(dim=(2, 3, 4)) - delta  # = F(A) - F(0) per example and layer
     assert gap.abs().min() > 1e-3  # the check below is not vacuous
     assert (delta.abs() <= 0.01 * gap.abs()).all()
@@ -130,12 +130,12 @@ def test_row_chunks_are_the_cheapest_cut_into_runs_of_lengths():
 def test_quadrature_rules_integrate_polynomials_exactly_to_their_degree(m):
     from attribution.quadrature import quadrature
 
-    for method, degree in (("gausslegendre", 2 * m - 1), ("gaussradau", 2 * m - 2)):
-        alphas, weights = quadrature(method, m)
+    for integration, degree in (("gausslegendre", 2 * m - 1), ("gaussradau", 2 * m - 2)):
+        alphas, weights = quadrature(integration, m)
         assert len(alphas) == m and all(0.0 <= a <= 1.0 for a in alphas)
         moments = [sum(w * a**d for a, w in zip(alphas, weights, strict=True)) for d in range(degree + 2)]
         for d in range(degree + 1):
-            assert moments[d] == pytest.approx(1 / (d + 1), abs=1e-12), (method, d)
+            assert moments[d] == pytest.approx(1 / (d + 1), abs=1e-12), (integration, d)
         assert abs(moments[degree + 1] - 1 / (degree + 2)) > 1e-11  # and no further
     assert quadrature("gaussradau", m)[0][-1] == 1.0  # exactly, so AttAttr takes it from the unscaled pass
 
@@ -145,10 +145,10 @@ def test_node_at_one_from_the_unscaled_pass_equals_a_scaled_pass(bert, batch):
     the reference computes it per layer with a scaled pass. Alone (one Radau node: gradient x
     attention) and within riemann_right, both agree."""
     explainer = AttAttr(bert)
-    right = explainer.attribute(batch, n_steps=4, method="riemann_right")  # 0.25, 0.5, 0.75, 1
+    right = explainer.attribute(batch, n_steps=4, integration="riemann_right")  # 0.25, 0.5, 0.75, 1
     slow_right, _ = reference_attattr(bert, batch, n_steps=4, method="riemann_right")
     torch.testing.assert_close(right.double(), slow_right, atol=1e-6, rtol=0)
-    single = explainer.attribute(batch, n_steps=1, method="gaussradau")  # the alpha = 1 node alone
+    single = explainer.attribute(batch, n_steps=1, integration="gaussradau")  # the alpha = 1 node alone
     slow_single, _ = reference_attattr(bert, batch, n_steps=1, method="gaussradau")
     assert slow_single.abs().max() > 1e-2
     torch.testing.assert_close(single.double(), slow_single, atol=1e-6, rtol=0)
@@ -188,7 +188,7 @@ def test_targets_and_outputs(bert, batch):
     with pytest.raises(HeadpruneError, match="unknown output"):
         AttAttr(bert, output="margin")
     with pytest.raises(HeadpruneError, match="unknown integration method"):
-        explainer.attribute(batch, method="simpson")
+        explainer.attribute(batch, integration="simpson")
     with pytest.raises(HeadpruneError, match="layers must lie"):
         explainer.attribute(batch, layers=[3])
     with pytest.raises(HeadpruneError, match="tokenizer batch"):
@@ -234,12 +234,12 @@ def test_masked_model_equals_reference_and_pruned_model_equals_masked():
     assert removed_delta[:, 2].abs().sum() == 0  # a layer with no heads: nothing to attribute, F(0) = F(A)
 
 
-@pytest.mark.parametrize("method", ["gausslegendre", "gaussradau"])  # Radau: its node at 1 under autocast too
-def test_bfloat16_autocast_is_close_and_its_cost_shows_in_the_delta(bert, batch, method):
+@pytest.mark.parametrize("integration", ["gausslegendre", "gaussradau"])  # Radau: its node at 1 under autocast too
+def test_bfloat16_autocast_is_close_and_its_cost_shows_in_the_delta(bert, batch, integration):
     explainer = AttAttr(bert)
-    exact, exact_delta = explainer.attribute(batch, n_steps=6, method=method, return_convergence_delta=True)
+    exact, exact_delta = explainer.attribute(batch, n_steps=6, integration=integration, return_convergence_delta=True)
     low, low_delta = explainer.attribute(
-        batch, n_steps=6, method=method, return_convergence_delta=True, autocast_dtype=torch.bfloat16
+        batch, n_steps=6, integration=integration, return_convergence_delta=True, autocast_dtype=torch.bfloat16
     )
     assert low.dtype == torch.float32
     assert (low - exact).abs().max() <= 0.1 * exact.abs().max()

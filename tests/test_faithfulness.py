@@ -128,7 +128,11 @@ def test_batched_predictor_equals_one_call_per_sequence():
         assert torch.allclose(row, torch.softmax(logits, -1)[0], atol=1e-5)
 
 
-def test_result_round_trip_table_and_plot(tmp_path: Path):
+def _no_global_matplotlib_state(*args, **kwargs):
+    raise AssertionError("library code must not call matplotlib.use (it changes the backend for everyone)")
+
+
+def test_result_round_trip_table_and_plot(tmp_path: Path, monkeypatch):
     model = sharp_model()
     batch = {**padded_batch(seed=3), "labels": torch.tensor([0, 1, 2])}
     names = list(RELEVANCE_METHODS)
@@ -140,15 +144,27 @@ def test_result_round_trip_table_and_plot(tmp_path: Path):
     for m in result.methods.values():
         assert len(m.positive) == 10 and 0 <= m.positive_auc <= 1 and m.seconds_per_example > 0
         assert m.positive[0] == m.negative[0] == result.accuracy  # nothing deleted yet
+    assert result.methods["attattr"].options["integration"] == "gausslegendre"
+    assert result.methods["ig"].options == {"n_steps": 4, "integration": "gausslegendre", "output": "probability"}
     path = result.save(tmp_path / "f.json")
     again = FaithfulnessResult.load(path)
     assert again == result
+    data = json.loads(path.read_text())
+    assert data["format"] == "headprune.FaithfulnessResult" and data["version"] == 1
+    old = tmp_path / "old.json"  # written before Record: "format_version" instead of "version"
+    old.write_text(json.dumps({k: v for k, v in data.items() if k != "version"} | {"format_version": 1}))
+    assert FaithfulnessResult.load(old) == result
     table = again.table()
     assert table.count("\n") == len(names) + 1 and all(f"| {n} |" in table for n in names)
+    monkeypatch.setattr("matplotlib.use", _no_global_matplotlib_state)
     again.plot(tmp_path / "f.png")
-    assert (tmp_path / "f.png").stat().st_size > 1000
-    with pytest.raises(HeadpruneError, match="not a headprune faithfulness"):
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "f.png").stat().st_size > 1000
+    with pytest.raises(HeadpruneError, match="expected a headprune.FaithfulnessResult file, found a other file"):
         FaithfulnessResult.from_dict({"format": "other"})
+    del data["methods"]["attattr"]["aopc"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(HeadpruneError, match=r"f\.json\.methods\.attattr: missing key 'aopc'"):
+        FaithfulnessResult.load(path)
 
 
 def test_bad_arguments():
@@ -199,7 +215,7 @@ def test_word_pieces_are_merged_into_the_original_words(tokenizer):
     assert merged["m"] == [1.0, 5.0, 0.5, 0.25, 0.125, 4.0]  # pieces summed, specials dropped
 
 
-def test_explanation_page_png_and_json(tokenizer, tmp_path: Path):
+def test_explanation_page_png_and_json(tokenizer, tmp_path: Path, monkeypatch):
     model = tiny_model("bert", labels=2)
     model.config.id2label = {0: "negative", 1: "positive"}
     explanation = explain_text(
@@ -214,13 +230,18 @@ def test_explanation_page_png_and_json(tokenizer, tmp_path: Path):
     assert "http" not in page and "<link" not in page and "src=" not in page  # self-contained
     assert page.count("<tr>") == 3 and page.count('class="w"') == 3 * 7
     explanation.save_html(tmp_path / "e.html")
+    monkeypatch.setattr("matplotlib.use", _no_global_matplotlib_state)
     explanation.save_png(tmp_path / "e.png")
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
     assert Explanation.load(explanation.save(tmp_path / "e.json")) == explanation
+    assert explanation.provenance["methods"]["ig"]["integration"] == "gausslegendre"
     scaled = explanation.normalized()
     assert all(max(abs(v) for v in values) == pytest.approx(1.0) for values in scaled.values())
-    with pytest.raises(HeadpruneError, match="unknown class 'neutral'"):
+    with pytest.raises(HeadpruneError, match="unknown class 'neutral'; the model's classes: negative, positive"):
         explain_text(model, tokenizer, "good", methods="gae", target="neutral")
+    assert explain_text(model, tokenizer, "good", methods="gae", target="1").target_name == "positive"
+    with pytest.raises(HeadpruneError, match=r"class index 2 outside 0\.\.1"):
+        explain_text(model, tokenizer, "good", methods="gae", target=2)
     with pytest.raises(HeadpruneError, match="empty"):
         explain_text(model, tokenizer, "  ", methods="gae")
 

@@ -62,3 +62,36 @@ def inference_setup(model: PreTrainedModel) -> Iterator[None]:
         for p, g in zip(model.parameters(), grads, strict=True):
             p.requires_grad_(g)
         model.train(was_training)
+
+
+def label_names(model: PreTrainedModel) -> list[str]:
+    """The model's class names, index i naming class i (``config.id2label``; ``"i"`` where unnamed)."""
+    mapping = getattr(model.config, "id2label", None) or {}
+    classes = int(model.config.num_labels)
+    return [str(mapping.get(i, mapping.get(str(i), i))) for i in range(classes)]
+
+
+def class_index(target: int | str | None, model: PreTrainedModel) -> int | None:
+    """A class given by name or index (``"positive"``, ``"2"``, ``2``) as the model's class index.
+
+    ``None`` stays ``None`` (the predicted class). A name is looked up first, so a model whose
+    class names are digits is addressed by name; one-line errors for unknown names and indices
+    out of range.
+    """
+    if target is None:
+        return None
+    names = label_names(model)
+    if isinstance(target, str):
+        if target in names:
+            return names.index(target)
+        try:
+            index = int(target.strip())
+        except ValueError:
+            raise HeadpruneError(f"unknown class {target!r}; the model's classes: {', '.join(names)}") from None
+    elif isinstance(target, bool) or not hasattr(target, "__index__"):
+        raise HeadpruneError(f"a class must be a name or an index, got {target!r}")
+    else:
+        index = target.__index__()
+    if not 0 <= index < len(names):
+        raise HeadpruneError(f"class index {index} outside 0..{len(names) - 1} (classes: {', '.join(names)})")
+    return index
