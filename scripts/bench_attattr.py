@@ -75,7 +75,7 @@ def _measure_memory_here(batches: list[dict[str, torch.Tensor]], model, method: 
         if method == "reference":
             reference_attattr(model, batch, n_steps=steps)
         else:
-            explainer.attribute(batch, n_steps=steps, method=method, return_convergence_delta=True)
+            explainer.attribute(batch, n_steps=steps, integration=method, return_convergence_delta=True)
     running[0] = False
     sampler.join()
     if torch.cuda.is_available():
@@ -142,7 +142,7 @@ def main() -> None:
         return [reference_attattr(model, b, n_steps=20) for b in clean]
 
     def run_fast(method: str, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [explainer.attribute(b, n_steps=steps, method=method, return_convergence_delta=True) for b in clean]
+        return [explainer.attribute(b, n_steps=steps, integration=method, return_convergence_delta=True) for b in clean]
 
     runs = {"reference": run_reference} | {
         label: (lambda method=method, steps=steps: run_fast(method, steps)) for label, method, steps in SETTINGS
