@@ -14,14 +14,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AttAttr": "attribution.attattr",
     "AttentionProbe": "attribution.instrument",
-    "CRITERIA": "attribution.importance",
-    "Criterion": "attribution.importance",
+    "CRITERIA": "attribution.criteria",
+    "Criterion": "attribution.criteria",
+    "CriterionOption": "attribution.criteria",
     "HeadScores": "attribution.scores",
     "HeadpruneError": "attribution.core.errors",
     "SUPPORTED_MODEL_TYPES": "attribution.instrument",
-    "head_importance": "attribution.importance",
+    "head_importance": "attribution.criteria",
+    "make_criterion": "attribution.criteria",
     "quadrature": "attribution.quadrature",
-    "register_criterion": "attribution.importance",
+    "register_criterion": "attribution.criteria",
+    "score_dataset": "attribution.criteria",
 }
 
 

@@ -20,9 +20,10 @@ head: e.g. every token looking at [SEP]); near 0, it attends by content. A head 
 vary over keys at all (uniform attention, also query-independent) gets share 1. Averaged over
 examples it is a data-light head diagnostic: one forward pass, no gradients, no labels.
 
-Two head-importance criteria are registered: ``unary_share`` (values = the share, as named) and
-``pairwise_share`` (``1 - share``: content-driven heads score high, the direction to prune by if
-degenerate heads are the expendable ones).
+Two head-importance criteria build on it (in :mod:`attribution.criteria.diagnostics`):
+``unary_share`` (values = the share, as named) and ``pairwise_share`` (``1 - share``:
+content-driven heads score high, the direction to prune by if degenerate heads are the expendable
+ones).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.core.inputs import inference_setup, validate_inputs
-from attribution.importance import Criterion, _scatter_heads, register_criterion
 
 
 def logit_decomposition(
@@ -83,37 +83,13 @@ def head_unary_share(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) ->
     pruned heads)."""
     batch = validate_inputs(model, inputs)
     mask = batch["attention_mask"]
+    kept = instrument.kept_heads(model)
+    out = torch.zeros(mask.shape[0], len(kept), instrument.original_num_heads(model), dtype=torch.float64)
     with inference_setup(model), torch.no_grad():
         hidden = instrument.layer_inputs(model, batch)
-        per_layer: dict[int, torch.Tensor] = {}
-        for layer, heads in enumerate(instrument.kept_heads(model)):
+        for layer, heads in enumerate(kept):
             if heads:
                 projections = instrument.head_projections(model, layer, hidden[layer])
-                per_layer[layer] = unary_share(projections.query, projections.key, mask)
-    return _scatter_heads(model, per_layer, batch["input_ids"].shape[0])
+                out[:, layer, heads] = unary_share(projections.query, projections.key, mask).double().cpu()
+    return out
 
-
-@register_criterion
-class UnaryShareCriterion(Criterion):
-    """Mean over examples of each head's unary share of the attention-logit variance over keys
-    (high = query-independent, "degenerate" head). See :mod:`attribution.disentangled`."""
-
-    name = "unary_share"
-
-    def per_example(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return head_unary_share(model, batch)
-
-
-@register_criterion
-class PairwiseShareCriterion(Criterion):
-    """``1 - unary share``, averaged over examples: content-driven heads score high (pruning by
-    this criterion removes the most query-independent heads first). Pruned heads score 0."""
-
-    name = "pairwise_share"
-
-    def per_example(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        share = head_unary_share(model, batch)
-        present = torch.zeros_like(share, dtype=torch.bool)
-        for layer, heads in enumerate(instrument.kept_heads(model)):
-            present[:, layer, heads] = True
-        return torch.where(present, 1.0 - share, torch.zeros_like(share))

@@ -31,8 +31,8 @@ heads mixes no tokens and is skipped (treated as the identity). The pure functio
 :func:`grad_attention_product`, :func:`token_tm`; re-exported here) take those tensors directly,
 so they can be checked by hand.
 
-This module also registers the ``gradient_weighted`` head-importance criterion: per head, the mean
-over token pairs of Chefer's weights ``(dF/dA * A)^+``.
+Chefer's weights ``(dF/dA * A)^+`` also give the ``gradient_weighted`` head-importance criterion
+(:mod:`attribution.criteria.diagnostics`): per head, their mean over token pairs.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from attribution import instrument
 from attribution.attattr import AttAttr
 from attribution.core.errors import HeadpruneError
 from attribution.core.inputs import inference_setup, resolve_target, target_output, validate_inputs
-from attribution.importance import Criterion, _scatter_heads, register_criterion
 from attribution.quadrature import INTEGRATIONS
 from attribution.relevance_rules import (  # noqa: F401 (chefer_weights, pair_mask: re-exported)
     chefer_weights,
@@ -60,7 +59,7 @@ from attribution.relevance_rules import (  # noqa: F401 (chefer_weights, pair_ma
     transformation_weights,
 )
 
-_pair_mask = pair_mask  # the former name (the gradient_weighted criterion uses it)
+_pair_mask = pair_mask  # the former name
 
 Target = int | torch.Tensor | list[int] | None
 
@@ -483,42 +482,4 @@ class Random(TokenRelevance):
             generator = torch.Generator().manual_seed(zlib.crc32(real, self.seed & 0xFFFFFFFF))
             out[b, mask[b].cpu()] = torch.rand(int(mask[b].sum()), generator=generator)
         return out.to(ids.device)
-
-
-# --------------------------------------------------------------------------------------------
-# Head criterion: Chefer's gradient-weighted head scores
-# --------------------------------------------------------------------------------------------
-
-
-@register_criterion
-class GradientWeightedCriterion(Criterion):
-    """Chefer's per-head weights as head importance: per example, the mean over real token pairs of
-    ``(∇A_h ⊙ A_h)^+`` with ∇A the gradient of the target logit (the predicted class, or the gold
-    label with ``target="gold"``); mean over examples."""
-
-    name = "gradient_weighted"
-
-    def __init__(self, target: str = "predicted") -> None:
-        if target not in ("predicted", "gold"):
-            raise HeadpruneError(f"gradient_weighted target must be 'predicted' or 'gold', got {target!r}")
-        self.target = target
-
-    def options(self) -> dict[str, Any]:
-        return {"target": self.target}
-
-    def per_example(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        target = batch.get("labels") if self.target == "gold" else None
-        if self.target == "gold" and target is None:
-            raise HeadpruneError("gradient_weighted with target='gold' needs labels in the batch")
-        inputs = validate_inputs(model, batch)
-        helper = TokenRelevance(model)
-        probs, grads, _, _ = helper._attentions_and_gradients(inputs, target)
-        pair = _pair_mask(inputs["attention_mask"])[:, None]
-        count = pair.sum(dim=(2, 3))  # [B, 1]
-        per_layer: dict[int, torch.Tensor] = {}
-        for layer, (layer_probs, layer_grads) in enumerate(zip(probs, grads, strict=True)):
-            if layer_probs is not None and layer_probs.shape[1]:
-                weights = chefer_weights(layer_probs, layer_grads) * pair
-                per_layer[layer] = weights.sum(dim=(2, 3)) / count
-        return _scatter_heads(model, per_layer, inputs["input_ids"].shape[0])
 

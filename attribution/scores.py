@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from attribution.core.errors import HeadpruneError
-from attribution.core.io import atomic_write_text
-
-FORMAT_VERSION = 1
+from attribution.core.io import Record, read_json
 
 
 @dataclass
-class HeadScores:
+class HeadScores(Record):
     """Importance of each head: ``values`` ``[L, H]`` (original head indices; higher = more important).
 
-    ``provenance`` records how the scores were made (model, method options, examples, seed,
-    package versions) and travels with them through save/load.
+    ``criterion`` names what scored them; ``provenance`` records how (model, the criterion's
+    options, examples, package versions, diagnostics) and travels with them through save/load.
+    Saved as JSON ``{"format": "headprune.HeadScores", "version": 2, "criterion", "shape",
+    "values", "provenance"}``; version-1 files (``format_version`` 1, ``method``) still load.
     """
 
+    FORMAT: ClassVar[str] = "headprune.HeadScores"
+    VERSION: ClassVar[int] = 2
+
     values: torch.Tensor
-    method: str
+    criterion: str
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,68 +79,121 @@ class HeadScores:
             values = values / peak if peak > 0 else values
         else:
             raise HeadpruneError(f"unknown normalisation {kind!r}; choose layer_l2 or max")
-        return HeadScores(values, self.method, {**self.provenance, "normalized": kind})
+        return HeadScores(values, self.criterion, {**self.provenance, "normalized": kind})
 
     # ---- persistence ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "headprune.HeadScores",
-            "format_version": FORMAT_VERSION,
-            "method": self.method,
+            "format": self.FORMAT,
+            "version": self.VERSION,
+            "criterion": self.criterion,
             "shape": list(self.shape),
             "values": self.values.tolist(),
             "provenance": self.provenance,
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HeadScores:
-        if not isinstance(data, dict) or data.get("format") != "headprune.HeadScores":
-            raise HeadpruneError("not a headprune HeadScores file")
-        return cls(torch.tensor(data["values"], dtype=torch.float64), data["method"], data.get("provenance", {}))
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write JSON atomically; returns the path."""
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-        return Path(path)
+    def from_dict(cls, data: Any, where: str = "") -> HeadScores:
+        """From ``to_dict``'s mapping (or a version-1 one); one-line errors naming ``where``."""
+        where = where or "HeadScores"
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            kind = data.get("format") if isinstance(data, dict) else None
+            found = f"a {kind} file" if isinstance(kind, str) else "no headprune file"
+            raise HeadpruneError(f"{where}: not a headprune HeadScores file (found {found})")
+        version = data.get("version", data.get("format_version", 1))
+        if isinstance(version, bool) or not isinstance(version, int) or version > cls.VERSION:
+            raise HeadpruneError(
+                f"{where}: {cls.FORMAT} version {version!r} is newer than this headprune reads ({cls.VERSION})"
+            )
+        key = "criterion" if version >= 2 else "method"
+        criterion = data.get(key)
+        if not isinstance(criterion, str):
+            raise HeadpruneError(f"{where}: {key}: expected the criterion's name, got {_describe(criterion)}")
+        provenance = data.get("provenance", {})
+        if provenance is None:
+            provenance = {}
+        if not isinstance(provenance, dict):
+            raise HeadpruneError(f"{where}: provenance: expected a mapping, got {_describe(provenance)}")
+        if version < 2:
+            provenance = _upgrade_provenance(criterion, provenance)
+        values = _matrix(data.get("values"), where)
+        shape = data.get("shape")
+        if shape is not None and shape != [len(values), len(values[0])]:
+            raise HeadpruneError(
+                f"{where}: shape says {shape}, but the values are {len(values)} x {len(values[0])}"
+            )
+        return cls(torch.tensor(values, dtype=torch.float64), criterion, provenance)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> HeadScores:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise HeadpruneError(f"scores file not found: {path}") from None
-        except json.JSONDecodeError as error:
-            raise HeadpruneError(f"scores file {path} is not valid JSON: {error}") from None
-        return cls.from_dict(data)
+        """Read a scores file; one-line errors for a missing, non-JSON or malformed file."""
+        return cls.from_dict(read_json(path, what="scores file"), where=str(path))
 
     # ---- display -------------------------------------------------------------------------------
 
     def plot(self, path: str | os.PathLike[str] | None = None, title: str | None = None, ax: Any = None):
-        """Heatmap of ``[L, H]`` (layers bottom-up); saves a PNG when ``path`` is given."""
-        import matplotlib
+        """Heatmap of ``[L, H]`` (layers bottom-up). Draws into ``ax`` when given, else into a new
+        figure, saved as ``path`` when given (no pyplot state either way). Returns the axes."""
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from attribution.core.io import atomic_output
 
-        own = ax is None
-        if own:
-            fig, ax = plt.subplots(figsize=(1.0 + 0.45 * self.shape[1], 1.0 + 0.45 * self.shape[0]))
+        fig = None
+        if ax is None:
+            fig = Figure(figsize=(1.0 + 0.45 * self.shape[1], 1.0 + 0.45 * self.shape[0]))
+            ax = fig.add_subplot()
         image = ax.imshow(self.values.numpy(), cmap="viridis", aspect="auto", origin="lower")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_xticks(range(self.shape[1]))
         ax.set_yticks(range(self.shape[0]))
-        ax.set_title(title or f"head importance: {self.method}")
+        ax.set_title(title or f"head importance: {self.criterion}")
         ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-        if own:
+        if fig is not None:
             fig.tight_layout()
             if path is not None:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                fig.savefig(path, dpi=120)
-            plt.close(fig)
+                with atomic_output(path) as tmp:
+                    fig.savefig(tmp, dpi=120)
+        elif path is not None:
+            with atomic_output(path) as tmp:
+                ax.figure.savefig(tmp, dpi=120)
         return ax
 
     def __str__(self) -> str:
         top = ", ".join(f"L{layer}H{head}" for layer, head in self.top(5))
-        return f"HeadScores({self.method}, {self.shape[0]}x{self.shape[1]}, top: {top})"
+        return f"HeadScores({self.criterion}, {self.shape[0]}x{self.shape[1]}, top: {top})"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    return repr(value)
+
+
+def _matrix(values: Any, where: str) -> list[list[float]]:
+    """``values`` checked to be a non-empty rectangular matrix of numbers (NaN/inf allowed as
+    floats; ``check_scores`` refuses them where they matter)."""
+    if not isinstance(values, list) or not values or not all(isinstance(row, list) for row in values):
+        raise HeadpruneError(f"{where}: values: expected an [layers, heads] matrix of numbers, got {_describe(values)}")
+    width = len(values[0])
+    for i, row in enumerate(values):
+        if len(row) != width or not row:
+            raise HeadpruneError(
+                f"{where}: values: ragged matrix (row 0 has {width} heads, row {i} has {len(row)})"
+            )
+        for j, value in enumerate(row):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise HeadpruneError(f"{where}: values[{i}][{j}]: expected a number, got {_describe(value)}")
+    return values
+
+
+def _upgrade_provenance(criterion: str, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 called attattr's quadrature rule ``method``; now ``integration``."""
+    options = provenance.get("options")
+    if criterion == "attattr" and isinstance(options, dict) and "method" in options and "integration" not in options:
+        options = {("integration" if k == "method" else k): v for k, v in options.items()}
+        provenance = {**provenance, "options": options}
+    return provenance

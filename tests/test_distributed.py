@@ -1,4 +1,5 @@
-"""Sharding, gathering and reducing across processes: two CPU processes must give what one gives."""
+"""Sharding, gathering and reducing across processes: two CPU processes must give what one gives
+(``attribution.criteria.score_dataset``: scores and diagnostics; ``evaluate``; ``gather_rows``)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import pytest
 import torch
 
 from attribution.core import processes
-from prune import distributed
+from attribution.criteria import score_dataset
 from prune.evaluate import evaluate
 from tests.conftest import tiny_model
 from tests.prune_helpers import tiny_dataset, tiny_tokenizer
 
 ROWS = 13  # does not divide evenly by 2 (nor by the batch size)
-METHODS = {"taylor": {}, "attention": {}, "attattr": {"n_steps": 3, "method": "gausslegendre"}}
+CRITERIA = {"taylor": {}, "attention": {}, "attattr": {"n_steps": 3, "integration": "gausslegendre"}}
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 13, 64])
@@ -45,10 +46,14 @@ def _compute(out_dir: str) -> dict:
     data = tiny_dataset(ROWS, seed=3)
     model = tiny_model("bert", seed=5)
     result = {"rank": processes.process_index(), "processes": processes.num_processes()}
-    for method, options in METHODS.items():
-        scores = distributed.head_importance(model, tokenizer, data, method, batch_size=4, progress=False, **options)
-        result[method] = scores.values.tolist()
-        result[f"{method}_examples"] = scores.provenance["examples"]
+    for name, options in CRITERIA.items():
+        scores = score_dataset(model, tokenizer, data, name, batch_size=4, progress=False, **options)
+        result[name] = scores.values.tolist()
+        result[f"{name}_examples"] = scores.provenance["examples"]
+        result[f"{name}_processes"] = scores.provenance["processes"]
+    # one example per batch: no padding, so each example's diagnostic does not depend on the shard
+    one = score_dataset(model, tokenizer, data, "attattr", batch_size=1, progress=False, **CRITERIA["attattr"])
+    result["attattr_completeness"] = one.provenance["relative_completeness_error"]
     start, stop = processes.shard_bounds(ROWS, result["processes"], result["rank"])
     rows = processes.gather_rows(torch.arange(start, stop, dtype=torch.float64)[:, None])
     result["gathered_rows"] = rows.flatten().tolist()
@@ -79,13 +84,21 @@ def test_two_processes_equal_one(tmp_path):
         multi = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert multi["processes"] == 2 and multi["rank"] == rank
         assert multi["gathered_rows"] == list(map(float, range(ROWS)))  # no duplicate, no drop, in order
-        for method in METHODS:
-            assert multi[f"{method}_examples"] == ROWS
+        for name in CRITERIA:
+            assert multi[f"{name}_examples"] == ROWS and multi[f"{name}_processes"] == 2
             torch.testing.assert_close(
-                torch.tensor(multi[method], dtype=torch.float64),
-                torch.tensor(single[method], dtype=torch.float64),
+                torch.tensor(multi[name], dtype=torch.float64),
+                torch.tensor(single[name], dtype=torch.float64),
                 rtol=1e-6,
                 atol=1e-9,
             )
+        # the diagnostics are gathered from every process: the summary of all rows, as on one process
+        # (up to float noise: a relative completeness error is a small difference of large numbers)
+        completeness = multi["attattr_completeness"]
+        assert completeness.keys() == {"median", "p90"}
+        assert completeness == pytest.approx(single["attattr_completeness"], rel=1e-2)
         assert multi["eval_examples"] == ROWS
         assert multi["metrics"] == single["metrics"]
+    # local diagnostics would differ between the ranks (they scored different rows)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["attattr_completeness"] == ranks[1]["attattr_completeness"]

@@ -15,7 +15,7 @@ data:
 score:
   examples: 20
   criteria:
-    attattr: {n_steps: 4, method: gausslegendre}
+    attattr: {n_steps: 4, integration: gausslegendre}
     taylor: {}
 sweep:
   fractions: [0.25, 0.5]
@@ -74,8 +74,28 @@ MALFORMED = [
     ("duplicate key", "model: default\nseed: 1\nseed: 2\n", ["line 3", "seed: duplicate key (first on line 2)"]),
     (
         "unknown integration method",
-        "model: default\nscore:\n  criteria:\n    attattr: {method: simpson}\n",
-        ["line 4", "unknown integration method 'simpson'", "gausslegendre"],
+        "model: default\nscore:\n  criteria:\n    attattr: {integration: simpson}\n",
+        ["line 4", "score.criteria.attattr.integration", "got 'simpson'", "one of: riemann_right", "gausslegendre"],
+    ),
+    (
+        "renamed criterion option",
+        "model: default\nscore:\n  criteria:\n    attattr: {method: gausslegendre}\n",
+        ["line 4", "score.criteria.attattr.method", "renamed to integration", "integration: one of: riemann_right"],
+    ),
+    (
+        "criterion option out of range",
+        "model: default\nscore:\n  criteria:\n    attattr:\n      n_steps: 0\n",
+        ["line 5", "score.criteria.attattr.n_steps", "got 0", "a positive integer"],
+    ),
+    (
+        "criterion options inconsistent",
+        "model: default\nscore:\n  criteria:\n    attattr:\n      integration: riemann_trapezoid\n      n_steps: 1\n",
+        ["line 6", "score.criteria.attattr.n_steps", "got 1", "an integer >= 2 for riemann_trapezoid"],
+    ),
+    (
+        "criterion option of the wrong type",
+        "model: default\nscore:\n  criteria:\n    taylor: {normalize: maybe}\n",
+        ["line 4", "score.criteria.taylor.normalize", "got 'maybe'", "true or false"],
     ),
 ]
 
@@ -118,7 +138,7 @@ def test_valid_recipe_fills_defaults_and_applies_overrides(tmp_path):
     path.write_text(GOOD)
     recipe = load_recipe(path, ["score.examples=50", "repair=true", "finetune.lr=5e-5", "sweep.fractions=[0.3]"])
     assert recipe.score.examples == 50 and recipe.score.batch_size == 8  # default kept
-    assert recipe.score.criteria == {"attattr": {"n_steps": 4, "method": "gausslegendre"}, "taylor": {}}
+    assert recipe.score.criteria == {"attattr": {"n_steps": 4, "integration": "gausslegendre"}, "taylor": {}}
     assert recipe.repair is not None and recipe.repair.examples == 256
     assert recipe.finetune.lr == 5e-5 and isinstance(recipe.finetune.lr, float)  # YAML 1.1 reads 5e-5 as text
     assert recipe.sweep.fractions == [0.3]
@@ -147,7 +167,7 @@ def test_validate_prints_the_plan_and_schema(tmp_path, capsys):
     path.write_text(GOOD)
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "valid" in out and "score     attattr (n_steps=4, method=gausslegendre)" in out
+    assert "valid" in out and "score     attattr (n_steps=4, integration=gausslegendre)" in out
     assert "largest swept fraction within 0.01 of dense" in out
     assert main(["validate", "--schema"]) == 0
     schema = capsys.readouterr().out

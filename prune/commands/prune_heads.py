@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--iterative",
         action="store_true",
         help="Michel et al.: remove --step of the heads at a time, re-scoring the masked model with the "
-        "scores file's method, while the metric stays within --tolerance of the dense model",
+        "scores file's criterion, while the metric stays within --tolerance of the dense model",
     )
     parser.add_argument(
         "--tolerance",
