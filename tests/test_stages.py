@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from attribution.criteria import head_importance
 from attribution.core.errors import HeadpruneError
+from attribution.criteria import head_importance
 from attribution.scores import HeadScores
 from prune.checkpoints import load_model
 from prune.cli import main

@@ -83,15 +83,15 @@ def plan(recipe) -> list[str]:  # noqa: ANN001 - a Recipe
     if analysis is not None and analysis.tree is not None:
         tree = analysis.tree
         lines.append(
-            f"analysis  {len(tree.texts)} attribution tree(s), tau {tree.tau:g}, {tree.n_steps} {tree.integration} steps "
-            f"-> analysis/trees/ ({', '.join(tree.formats)})"
+            f"analysis  {len(tree.texts)} attribution tree(s), tau {tree.tau:g}, "
+            f"{tree.n_steps} {tree.integration} steps -> analysis/trees/ ({', '.join(tree.formats)})"
         )
     if analysis is not None and analysis.triggers is not None:
         trig = analysis.triggers
         attack = f", attack {trig.attack_examples or 'all'} {trig.attack_split} rows" if trig.attack else ""
         lines.append(
-            f"analysis  triggers from {trig.examples} {trig.split} rows, {trig.n_steps} {trig.integration} steps{attack} "
-            "-> analysis/triggers.json"
+            f"analysis  triggers from {trig.examples} {trig.split} rows, "
+            f"{trig.n_steps} {trig.integration} steps{attack} -> analysis/triggers.json"
         )
     lines.append("report    report.md + report.html")
     return lines
