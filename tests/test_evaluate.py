@@ -14,10 +14,10 @@ from attribution.core.predict import predict_logits as predict
 from attribution.scores import HeadScores
 from prune.checkpoints import load_model, save_pruned
 from prune.cli import main
-from prune.workflow import REPORT_NAME, PruneReport
 from prune.evaluate import EvalResult, evaluate
 from prune.masking import mask_heads
 from prune.metrics import accuracy, macro_f1
+from prune.workflow import REPORT_NAME, PruneReport
 from tests.conftest import tiny_model
 from tests.prune_helpers import sensitive, tiny_dataset, tiny_tokenizer
 

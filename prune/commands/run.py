@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate (nothing is written on a bad recipe), run the stages, print the final table."""
+    from prune.pipeline import run_recipe
     from prune.recipe import load_recipe
     from prune.report import final_table_text
-    from prune.pipeline import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out or recipe.output or Path("runs") / Path(args.recipe).stem)
