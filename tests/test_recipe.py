@@ -3,6 +3,8 @@ exit status 2, and nothing written; valid recipes fill defaults and accept --set
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from prune.cli import main
@@ -180,9 +182,29 @@ def test_missing_recipe_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["tweets-minilm", "tweets-minilm-multiprocess", "bert-base-mnli", "bert-base-sst2"])
-def test_shipped_recipes_are_valid(name):
-    from pathlib import Path
+RECIPES = Path(__file__).parent.parent / "recipes"
 
-    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / f"{name}.yaml")
+
+def test_every_shipped_recipe_is_checked():
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted([*PRUNING_RECIPES, "analysis-tweets"])
+
+
+PRUNING_RECIPES = ["tweets-minilm", "tweets-minilm-multiprocess", "bert-base-mnli", "bert-base-sst2"]
+
+
+@pytest.mark.parametrize("name", PRUNING_RECIPES)
+def test_shipped_pruning_recipes_are_valid(name):
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
     assert recipe.prune is not None and recipe.sweep is not None
+    assert recipe.score is not None and "attattr" in recipe.score.criteria
+
+
+def test_shipped_analysis_recipe_is_valid(capsys):
+    recipe = load_recipe(RECIPES / "analysis-tweets.yaml")
+    assert recipe.score is None and recipe.prune is None and recipe.sweep is None
+    assert recipe.analysis.tree is not None and recipe.analysis.tree.texts
+    assert recipe.analysis.triggers is not None and recipe.analysis.triggers.attack
+    # and the CLI's summary of it names both analysis stages
+    assert main(["validate", str(RECIPES / "analysis-tweets.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "attribution tree(s)" in out and "triggers from" in out
