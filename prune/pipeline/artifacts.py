@@ -14,13 +14,13 @@ from typing import Any
 
 from attribution.core.io import Record
 from prune.cost import CostReport
+from prune.export import OnnxExport
 from prune.workflow import PruneDecision, SweepResult
 
 __all__ = [
     "CostRun",
     "DenseRun",
     "ExportRun",
-    "ExportedModel",
     "FinetuneRun",
     "PruneRun",
     "RepairSummary",
@@ -131,24 +131,9 @@ class CostRun(Record):
 
 
 @dataclass
-class ExportedModel:
-    """One exported ONNX file (path relative to the run directory)."""
-
-    path: str
-    inputs: list[str]
-    opset: int
-    max_abs_diff: float
-    checked_examples: int
-    file_bytes: int
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    sequence_length: int = 0
-    threads: int = 0
-
-
-@dataclass
 class ExportRun(Record):
-    """``export.json``: the ONNX files, keyed ``pruned`` and ``dense``."""
+    """``export.json``: the ONNX files, keyed ``pruned`` and ``dense`` (paths relative to the run)."""
 
     FORMAT = "headprune.ExportRun"
 
-    models: dict[str, ExportedModel]
+    models: dict[str, OnnxExport]

@@ -104,8 +104,8 @@ def final_table(
             dl, pl = d.latency_ms[size], p.latency_ms.get(size)
             rows.append([f"PyTorch latency, batch {size} (median)", fmt_ms(dl), fmt_ms(pl), ratio(dl, pl)])
             if "pruned" in onnx:
-                od = onnx["dense"].latency_ms.get(str(size)) if "dense" in onnx else None
-                op = onnx["pruned"].latency_ms.get(str(size))
+                od = onnx["dense"].latency_ms.get(int(size)) if "dense" in onnx else None
+                op = onnx["pruned"].latency_ms.get(int(size))
                 rows.append([f"ONNX Runtime latency, batch {size}", fmt_ms(od), fmt_ms(op), ratio(od, op)])
         rows.append(
             ["weights file size", fmt_mb(d.file_bytes), fmt_mb(p.file_bytes), ratio(d.file_bytes, p.file_bytes)]

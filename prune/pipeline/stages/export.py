@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from prune.pipeline.artifacts import ExportedModel, ExportRun
+from prune.export import OnnxExport
+from prune.pipeline.artifacts import ExportRun
 from prune.pipeline.context import RunContext
 from prune.pipeline.stage import Stage, StageResult
 
@@ -45,7 +47,7 @@ class ExportStage(Stage):
             targets.append(("pruned", "model.onnx"))
         if section.dense:
             targets.append(("dense", "dense.onnx"))
-        models: dict[str, ExportedModel] = {}
+        models: dict[str, OnnxExport] = {}
         for label, filename in targets:
             model = load_model(str(ctx.out / "model"), tokenizer=False)[0] if label == "pruned" else ctx.dense[0]
             path = ctx.out / "onnx" / filename
@@ -59,17 +61,7 @@ class ExportStage(Stage):
                 atol=section.atol,
                 threads=threads,
             )
-            models[label] = ExportedModel(
-                path=str(path.relative_to(ctx.out)),
-                inputs=list(exported.inputs),
-                opset=exported.opset,
-                max_abs_diff=exported.max_abs_diff,
-                checked_examples=exported.checked_examples,
-                file_bytes=exported.file_bytes,
-                latency_ms={str(k): float(v) for k, v in exported.latency_ms.items()},
-                sequence_length=exported.sequence_length,
-                threads=exported.threads,
-            )
+            models[label] = dataclasses.replace(exported, path=str(path.relative_to(ctx.out)))
             timing = ", ".join(f"b={b}: {ms:.1f} ms" for b, ms in exported.latency_ms.items())
             ctx.log(
                 f"[export] {label}: {models[label].path}, max |onnx - torch| {exported.max_abs_diff:.1e}; {timing}"
