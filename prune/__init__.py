@@ -9,7 +9,7 @@ and ``save_pruned``; ``mask_heads``, ``unmask_heads``, ``remove_heads``, ``bake_
 
 from __future__ import annotations
 
-from typing import Any
+from attribution.core.exports import lazy_exports
 
 _EXPORTS = {
     "mask_heads": "prune.masking",
@@ -23,12 +23,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'prune' has no attribute {name!r}")
-
-
-__all__ = list(_EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -63,11 +63,3 @@ class Stage:
 
     def finished(self, ctx: RunContext, record: StageRecord) -> None:
         """Called after the stage ran or was skipped (e.g. to put its result into the context)."""
-
-    def upstream(self, ctx: RunContext) -> dict[str, str]:
-        """Fingerprints of the finished stages this one reads, by name."""
-        return {
-            name: record.fingerprint
-            for name, record in ctx.records.items()
-            if any(name == r or name.startswith(r + "-") for r in self.reads)
-        }
