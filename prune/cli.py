@@ -27,7 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, the options of that one command alone (the others
+    are listed but not built: building ``attribute`` imports torch for its criteria's options)."""
     parser = argparse.ArgumentParser(
         prog="headprune",
         description="Find which attention heads of a BERT-like encoder matter, show why, and remove the rest.",
@@ -41,11 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command)
-        command.set_defaults(_run=module.run)
+        if only is None or only == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command)
+            command.set_defaults(_run=module.run)
     return parser
+
+
+def _command(argv: list[str]) -> str:
+    """The command named on the command line ("" when none is: ``headprune --help``)."""
+    return next((word for word in argv if word in COMMANDS), "")
 
 
 class _ConsoleHandler(logging.Handler):
@@ -92,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        parser = build_parser(_command(argv))
         args = parser.parse_args(argv)
         if args.global_quiet and hasattr(args, "quiet"):
             args.quiet = True  # the command's own --quiet: no progress bars either
