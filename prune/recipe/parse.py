@@ -278,7 +278,27 @@ class _Validator:
 # --------------------------------------------------------------------------------------------
 
 
+def _compress_checks(recipe: Recipe, v: _Validator) -> None:
+    for name in ("heal", "quantize"):
+        if getattr(recipe, name) is not None and recipe.compress is None:
+            v.fail((name,), f"{name} needs the compress section, which is off", "null (or a compress section)")
+    if recipe.compress is not None:
+        target = recipe.compress.target
+        chosen = [k for k in ("latency", "flops", "max_drop") if getattr(target, k) is not None]
+        if len(chosen) != 1:
+            got = "none of them" if not chosen else " and ".join(chosen)
+            v.fail(("compress", "target"), f"got {got}", "exactly one of latency, flops, max_drop")
+    if recipe.heal is not None:
+        from prune.heal import parse_duration
+
+        try:
+            parse_duration(recipe.heal.budget)
+        except HeadpruneError as error:
+            v.fail(("heal", "budget"), str(error), "a duration like 10m, 90s or 1h")
+
+
 def _cross_checks(recipe: Recipe, v: _Validator) -> None:
+    _compress_checks(recipe, v)
     if recipe.score is None:
         for name in ("sweep", "prune"):
             if getattr(recipe, name) is not None:

@@ -249,6 +249,74 @@ class AnalysisSection:
 
 
 @dataclass
+class CompressTargetSection:
+    """How far the compress stage goes: exactly one of the three keys."""
+
+    latency: float | None = _field(
+        None, expect="a number strictly between 0 and 1 (the fraction of the dense model's latency to keep)",
+        check=unit_open,
+    )
+    flops: float | None = _field(
+        None, expect="a number strictly between 0 and 1 (the fraction of multiply-adds to keep)", check=unit_open
+    )
+    max_drop: float | None = _field(
+        None, expect="a number >= 0 (the most compression whose metric is at most this below dense)",
+        check=_non_negative,
+    )
+
+
+@dataclass
+class CompressSection:
+    """Heads and feed-forward neurons removed together to a budget (Kwon et al.'s search), repaired."""
+
+    criterion: str = _field("fisher", expect="a criterion that scores heads and neurons: fisher, taylor or gate_ig")
+    split: str = _field("train", expect="one of " + ", ".join(SPLITS), check=_one_of(*SPLITS))
+    examples: int = _field(512, expect="a positive integer (rows the units are scored on)", check=_positive)
+    batch_size: int = _field(16, expect="a positive integer", check=_positive)
+    target: CompressTargetSection = _field(
+        CompressTargetSection(latency=0.6), expect="a mapping with latency, flops or max_drop"
+    )
+    backend: str = _field("torch", expect="torch or onnx (whose latency the latency target counts)",
+                          check=_one_of("torch", "onnx"))
+    latency_batch_size: int = _field(32, expect="a positive integer (the batch size latency is modelled at)",
+                                     check=_positive)
+    frontier: list[float] = _field(
+        [0.8, 0.7, 0.6, 0.5], expect="a list of numbers strictly between 0 and 1 (budgets measured for the report)",
+        check=lambda v: all(0 < x < 1 for x in v),
+    )
+    repair: str = _field("refit", expect="refit (least squares of the output projections), scales or none",
+                         check=_one_of("refit", "scales", "none"))
+    calibration_examples: int = _field(256, expect="a positive integer (training rows the repair fits on)",
+                                       check=_positive)
+    held_out_examples: int = _field(256, expect="a positive integer (training rows that guard the repair)",
+                                    check=_positive)
+
+
+@dataclass
+class HealSection:
+    """Distillation from the dense model under a wall-clock budget (after compress)."""
+
+    budget: str = _field("10m", expect="a duration like 10m, 90s or 1h")
+    max_steps: int | None = _field(None, expect="a positive integer, or null (the budget decides)", check=_positive)
+    train_examples: int = _field(12000, expect="a positive integer", check=_positive)
+    held_out_examples: int = _field(500, expect="a positive integer (validation rows for early stopping)",
+                                    check=_positive)
+    lr: float = _field(3e-5, expect="a positive number", check=_positive)
+    temperature: float = _field(2.0, expect="a positive number", check=_positive)
+    alpha: float = _field(0.5, expect="a number in [0, 1] (weight of the distillation term)",
+                          check=lambda v: 0 <= v <= 1)
+    batch_size: int = _field(32, expect="a positive integer", check=_positive)
+    seed: int = _field(0, expect="an integer")
+
+
+@dataclass
+class QuantizeSection:
+    """Dynamic INT8 quantization of the exported ONNX model (ONNX Runtime), evaluated on the test rows."""
+
+    per_channel: bool = _field(False, expect="true or false")
+
+
+@dataclass
 class ReportSection:
     """The report's title (default: the recipe's name)."""
 
@@ -275,6 +343,9 @@ class Recipe:
     cost: CostSection | None = _field(CostSection(), expect="a mapping of cost options, or null to skip")
     export: ExportSection | None = _field(ExportSection(), expect="a mapping of export options, or null to skip")
     analysis: AnalysisSection | None = _field(None, expect="a mapping with tree and/or triggers, or null")
+    compress: CompressSection | None = _field(None, expect="a mapping of compress options, true or null")
+    heal: HealSection | None = _field(None, expect="a mapping of heal options, true or null")
+    quantize: QuantizeSection | None = _field(None, expect="a mapping of quantize options, true or null")
     report: ReportSection = _field(ReportSection(), expect="a mapping (report options)")
     # not part of the YAML: where it came from (for messages and relative paths)
     source: str = field(default="<recipe>", repr=False, compare=False, metadata={"internal": True})
