@@ -1,4 +1,5 @@
-"""Where each model family keeps its attention pieces: a table of attribute paths, not branches."""
+"""Where each model family keeps its attention and feed-forward pieces: a table of attribute paths, not
+branches."""
 
 from __future__ import annotations
 
@@ -23,10 +24,19 @@ class Family:
     value: str
     output: str  # from a layer to the output projection (input columns = heads)
     output_inside_attention: bool  # DistilBERT applies out_lin inside the attention module
+    # The feed-forward block, from a layer: the intermediate linear (output rows = neurons), the
+    # activation module whose output neuron gates multiply, and the output linear (input columns =
+    # neurons). ``intermediate_size`` names the config attribute holding the original width F.
+    intermediate: str
+    activation: str
+    ffn_output: str
+    intermediate_size: str
 
 
 BERT_LIKE = Family(
-    "encoder.layer", "attention.self", "query", "key", "value", "attention.output.dense", False
+    "encoder.layer", "attention.self", "query", "key", "value", "attention.output.dense", False,
+    intermediate="intermediate.dense", activation="intermediate.intermediate_act_fn", ffn_output="output.dense",
+    intermediate_size="intermediate_size",
 )
 FAMILIES: dict[str, Family] = {
     "bert": BERT_LIKE,
@@ -35,7 +45,8 @@ FAMILIES: dict[str, Family] = {
     "xlm-roberta": BERT_LIKE,
     "camembert": BERT_LIKE,
     "distilbert": Family(
-        "transformer.layer", "attention", "q_lin", "k_lin", "v_lin", "attention.out_lin", True
+        "transformer.layer", "attention", "q_lin", "k_lin", "v_lin", "attention.out_lin", True,
+        intermediate="ffn.lin1", activation="ffn.activation", ffn_output="ffn.lin2", intermediate_size="hidden_dim",
     ),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
