@@ -6,16 +6,20 @@
   (``prune.finetune.DEFAULT_FINETUNE_CONFIG``); fine-tuned on first use, then taken from the cache;
 - ``"minilm"``: the bundled MiniLM-L6-H384 encoder (its classification head is freshly initialised);
 - a pruned headprune directory (written by ``save_pruned``): the dense architecture is built from
-  the config, sliced to the heads recorded under ``headprune_kept_heads``, and only then are the
-  weights loaded, with no missing or unexpected keys;
+  the config, sliced to the heads recorded under ``headprune_kept_heads`` and the feed-forward
+  neurons recorded under ``headprune_kept_neurons``, and only then are the weights loaded, with no
+  missing or unexpected keys;
 - a dense model directory, or a hub id: ``AutoModelForSequenceClassification.from_pretrained``.
 
 A pruned checkpoint is an ordinary ``save_pretrained`` directory (safetensors weights, config,
 tokenizer) whose config carries ``headprune_kept_heads``: per layer, the original indices of the
-heads that remain. Plain ``from_pretrained`` on such a directory raises (the q/k/v and
-output-projection shapes do not match the config's head count), so it cannot silently load as a
-wrong dense model — unless the caller passes ``ignore_mismatched_sizes=True``, which
-re-initialises those weights by request.
+heads that remain, and, when any feed-forward neuron was removed, ``headprune_kept_neurons``: per
+layer, the original indices of the neurons that remain (widths may differ between layers, and may be
+0). Plain ``from_pretrained`` on such a directory raises (the q/k/v, output-projection and
+feed-forward shapes do not match the config), so it cannot silently load as a wrong dense model —
+unless the caller passes ``ignore_mismatched_sizes=True``, which re-initialises those weights by
+request. Recorded indices that are malformed or do not match the weights: a one-line
+``HeadpruneError`` naming the file.
 """
 
 from __future__ import annotations
@@ -37,11 +41,20 @@ from attribution.core.errors import HeadpruneError
 from attribution.core.log import get_logger
 
 # The key is defined beside remove_heads, which keeps a model's config in step with its heads.
-from prune.surgery import KEPT_HEADS_KEY, bake_mask
+from prune.surgery import KEPT_HEADS_KEY, KEPT_NEURONS_KEY, bake_mask
 
 DEFAULT_MODEL = "default"
 
-__all__ = ["DEFAULT_MODEL", "KEPT_HEADS_KEY", "load_model", "read_kept_heads", "resolve_model", "save_pruned"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "KEPT_HEADS_KEY",
+    "KEPT_NEURONS_KEY",
+    "load_model",
+    "read_kept_heads",
+    "read_kept_neurons",
+    "resolve_model",
+    "save_pruned",
+]
 
 log = get_logger("checkpoints")
 
@@ -89,7 +102,7 @@ def load_model(
     shown = os.fspath(name_or_path)
     target = resolve_model(name_or_path, progress=progress)
     path = Path(target)
-    if path.is_dir() and read_kept_heads(path) is not None:
+    if path.is_dir() and (read_kept_heads(path) is not None or read_kept_neurons(path) is not None):
         model = _load_pruned(path)
     else:
         model = _load_dense(target, shown, local_files_only=local_files_only)
@@ -100,15 +113,17 @@ def load_model(
 
 def save_pruned(model: PreTrainedModel, directory: str | os.PathLike[str], tokenizer: Any = None) -> Path:
     """Write a pruned (or masked, or dense) model to ``directory``: ``model.safetensors``,
-    ``config.json`` with ``headprune_kept_heads`` and, if given, the tokenizer files.
+    ``config.json`` with ``headprune_kept_heads`` (and ``headprune_kept_neurons`` when any
+    feed-forward neuron was removed) and, if given, the tokenizer files.
 
-    A persistent head mask is baked into a copy first (masked heads removed, repair scales
-    folded), so the saved model computes what ``model`` computes. The directory is written next
+    Persistent head and neuron masks are baked into a copy first (masked units removed, repair
+    scales folded), so the saved model computes what ``model`` computes. The directory is written next
     to its final place and renamed into it, replacing an existing directory only when complete.
     ``load_model(directory)`` gives the model back, with identical logits.
     """
     instrument.model_family(model)
-    if any(g is not None for g in instrument.get_head_mask(model)):
+    masks = [*instrument.get_head_mask(model), *instrument.get_neuron_mask(model)]
+    if any(g is not None for g in masks):
         model = copy.deepcopy(model)
         bake_mask(model)
     final = Path(directory).expanduser().resolve()
@@ -117,10 +132,19 @@ def save_pruned(model: PreTrainedModel, directory: str | os.PathLike[str], token
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     config = model.config
-    had_key = hasattr(config, KEPT_HEADS_KEY)
-    previous = getattr(config, KEPT_HEADS_KEY, None)
+    width = instrument.original_intermediate_size(model)
+    neurons = instrument.kept_neurons(model)
+    recorded = {
+        KEPT_HEADS_KEY: instrument.kept_heads(model),
+        KEPT_NEURONS_KEY: neurons if any(len(kept) != width for kept in neurons) else None,  # None: dense FFNs
+    }
+    previous = {key: (hasattr(config, key), getattr(config, key, None)) for key in recorded}
     try:
-        setattr(config, KEPT_HEADS_KEY, instrument.kept_heads(model))
+        for key, value in recorded.items():
+            if value is not None:
+                setattr(config, key, value)
+            elif hasattr(config, key):
+                delattr(config, key)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -137,15 +161,25 @@ def save_pruned(model: PreTrainedModel, directory: str | os.PathLike[str], token
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if had_key:
-            setattr(config, KEPT_HEADS_KEY, previous)
-        elif hasattr(config, KEPT_HEADS_KEY):
-            delattr(config, KEPT_HEADS_KEY)
+        for key, (had, value) in previous.items():
+            if had:
+                setattr(config, key, value)
+            elif hasattr(config, key):
+                delattr(config, key)
     return final
 
 
 def read_kept_heads(directory: str | os.PathLike[str]) -> list[list[int]] | None:
     """The ``headprune_kept_heads`` recorded in a model directory's config, or None (dense)."""
+    return _read_config(directory).get(KEPT_HEADS_KEY)
+
+
+def read_kept_neurons(directory: str | os.PathLike[str]) -> list[list[int]] | None:
+    """The ``headprune_kept_neurons`` recorded in a model directory's config, or None (dense FFNs)."""
+    return _read_config(directory).get(KEPT_NEURONS_KEY)
+
+
+def _read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -155,7 +189,7 @@ def read_kept_heads(directory: str | os.PathLike[str]) -> list[list[int]] | None
         raise HeadpruneError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise HeadpruneError(f"{path} is not a model config (a JSON object)")
-    return config.get(KEPT_HEADS_KEY)
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,43 +246,69 @@ def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     raise HeadpruneError(f"no safetensors weights in {directory} (expected model.safetensors)")
 
 
+def _recorded_indices(value: Any, key: str, config: Path, layers: int, size: int, unit: str) -> list[list[int]]:
+    """``value`` checked as, per layer, distinct ``unit`` indices in ``0..size-1`` (sorted)."""
+    if (
+        not isinstance(value, list)
+        or len(value) != layers
+        or not all(
+            isinstance(k, list)
+            and len(set(k)) == len(k)
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < size for i in k)
+            for k in value
+        )
+    ):
+        raise HeadpruneError(
+            f"{key} in {config} must list, for each of the {layers} layers, distinct {unit} indices in 0..{size - 1}"
+        )
+    return [sorted(k) for k in value]
+
+
 def _load_pruned(path: Path) -> PreTrainedModel:
-    """A ``save_pruned`` directory: rebuild the architecture from the config, remove the heads the
-    config says are gone, then load the weights with no missing or unexpected keys."""
+    """A ``save_pruned`` directory: rebuild the architecture from the config, remove the heads and
+    feed-forward neurons the config says are gone, then load the weights with no missing or
+    unexpected keys (a recorded width that does not match the weights is a one-line error)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    kept = read_kept_heads(path)
+    config_file = path / "config.json"
+    raw_heads, raw_neurons = read_kept_heads(path), read_kept_neurons(path)
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise HeadpruneError(f"cannot read the config in {path}: {_first_line(error)}") from None
     model = AutoModelForSequenceClassification.from_config(config)
     layers = len(instrument.encoder_layers(model))
-    heads = instrument.original_num_heads(model)
-    if (
-        not isinstance(kept, list)
-        or len(kept) != layers
-        or not all(isinstance(k, list) and all(isinstance(h, int) and 0 <= h < heads for h in k) for k in kept)
-    ):
-        raise HeadpruneError(
-            f"{KEPT_HEADS_KEY} in {path / 'config.json'} must list, for each of the {layers} layers, "
-            f"head indices in 0..{heads - 1}"
-        )
-    for layer, keep in enumerate(kept):
-        instrument.keep_heads_in_layer(model, layer, sorted(keep))
+    if raw_heads is not None:
+        heads = instrument.original_num_heads(model)
+        kept = _recorded_indices(raw_heads, KEPT_HEADS_KEY, config_file, layers, heads, "head")
+        for layer, keep in enumerate(kept):
+            instrument.keep_heads_in_layer(model, layer, keep)
+    if raw_neurons is not None:
+        width = instrument.original_intermediate_size(model)
+        neurons = _recorded_indices(raw_neurons, KEPT_NEURONS_KEY, config_file, layers, width, "neuron")
+        for layer, keep in enumerate(neurons):
+            instrument.keep_neurons_in_layer(model, layer, keep)
     state = _load_state_dict(path)
+    weights = path / "model.safetensors" if (path / "model.safetensors").is_file() else path
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        raise HeadpruneError(f"weights in {path} do not fit the recorded heads: {' '.join(first[:2])[:300]}") from None
+        lines = [line.strip() for line in str(error).strip().splitlines()]
+        raise HeadpruneError(
+            f"weights in {weights} do not fit the recorded heads/neurons of {config_file}: {' '.join(lines[:2])[:300]}"
+        ) from None
     # Non-persistent buffers (e.g. position_ids) are never saved; anything else must match exactly.
     transient = {name for name, _ in model.named_buffers()} - set(model.state_dict())
     missing = [k for k in missing if k not in transient]
     if missing or unexpected:
         raise HeadpruneError(
-            f"weights in {path} do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"weights in {weights} do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     setattr(model.config, KEPT_HEADS_KEY, instrument.kept_heads(model))
-    log.debug("loaded a pruned checkpoint from %s: heads per layer %s", path, [len(k) for k in kept])
+    if raw_neurons is not None:
+        setattr(model.config, KEPT_NEURONS_KEY, instrument.kept_neurons(model))
+    log.debug(
+        "loaded a pruned checkpoint from %s: heads per layer %s, neurons per layer %s",
+        path, instrument.heads_per_layer(model), instrument.neurons_per_layer(model),
+    )
     return model

@@ -9,7 +9,9 @@ and unpadded (a trace that baked in one shape would fail there, not in productio
 
 Layers that lost every head run a patched attention forward (``attribution.instrument``: the
 attention output is the output projection's bias); it traces to a zero-width matmul plus bias,
-which onnxruntime runs. The check below would catch it if a future version did not.
+which onnxruntime runs. The check below would catch it if a future version did not. Layers that
+lost every feed-forward neuron need no patch: ``Linear(d, 0)``, the activation and ``Linear(0, d)``
+trace to zero-width matmuls plus the output bias, which onnxruntime runs too (tested).
 """
 
 from __future__ import annotations
@@ -107,6 +109,10 @@ def export_onnx(
         raise HeadpruneError(
             "the model has a soft head mask; bake it first (prune.surgery.bake_mask) or save and reload it"
         )
+    if any(gate is not None for gate in instrument.get_neuron_mask(model)):
+        raise HeadpruneError(
+            "the model has a soft neuron mask; bake it first (prune.surgery.bake_mask) or save and reload it"
+        )
     names = model_input_names(model)
     sample = sample if sample is not None else example_batch(model)
     missing = [n for n in names if n not in sample]
@@ -135,7 +141,9 @@ def export_onnx(
         raise
     except Exception as error:
         zero = [i for i, h in enumerate(instrument.heads_per_layer(model)) if h == 0]
+        empty = [i for i, n in enumerate(instrument.neurons_per_layer(model)) if n == 0]
         hint = f" (layers {zero} have no heads left and run a patched forward)" if zero else ""
+        hint += f" (layers {empty} have no feed-forward neurons left)" if empty else ""
         first = (str(error).strip().splitlines() or [""])[0][:200]
         raise HeadpruneError(f"ONNX export failed{hint}: {type(error).__name__}: {first}") from None
     finally:

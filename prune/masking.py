@@ -8,6 +8,11 @@ physically pruned model (``prune.surgery.remove_heads``) computes, only without 
 ``mask_heads(model, heads)`` applies the mask at once and returns a handle; use it as a context
 manager to restore the model exactly on exit (previous gates and attention implementation), or
 keep the mask (persistent setting) and later call ``unmask_heads``.
+
+Feed-forward neurons work the same way: ``mask_neurons(model, {layer: [neuron, ...]})`` (original
+indices ``0..F-1``) gates them to 0 through ``attribution.instrument.set_neuron_mask``, exactly what
+``prune.surgery.remove_neurons`` computes; ``unmask_neurons`` clears every neuron gate. Unlike heads,
+masking every neuron of a layer (or of the model) is allowed: the block then adds its output bias.
 """
 
 from __future__ import annotations
@@ -180,3 +185,114 @@ def mask_heads(model: PreTrainedModel, heads: HeadSet, *, allow_empty_model: boo
 def set_head_scales(model: PreTrainedModel, scales: list[torch.Tensor | None]) -> None:
     """Set per-layer gates ``[H_l]`` (current heads) directly, e.g. repair scales; None = no gate."""
     instrument.set_head_mask(model, scales)
+
+
+# --------------------------------------------------------------------------------------------
+# Feed-forward neurons
+# --------------------------------------------------------------------------------------------
+
+NeuronSet = Mapping[int, Iterable[int]]
+
+
+def model_neurons(model: PreTrainedModel, neurons: NeuronSet) -> dict[int, list[int]]:
+    """``{layer: sorted unique neurons}`` (only non-empty layers), checked against the model's
+    original shape (``L`` layers of ``F`` neurons); JSON-style string keys are accepted."""
+    if not isinstance(neurons, Mapping):
+        raise HeadpruneError(f"neurons must be {{layer: [neuron, ...]}}, got {type(neurons).__name__}")
+    num_layers = len(instrument.encoder_layers(model))
+    width = instrument.original_intermediate_size(model)
+    out: dict[int, set[int]] = {}
+    for raw_layer, layer_neurons in neurons.items():
+        if isinstance(raw_layer, str) and raw_layer.strip().lstrip("-").isdigit():
+            raw_layer = int(raw_layer)
+        layer = _as_index(raw_layer, "a layer index")
+        if not 0 <= layer < num_layers:
+            raise HeadpruneError(f"unknown layer {layer}: the model has layers 0..{num_layers - 1}")
+        if isinstance(layer_neurons, (str, bytes)) or not isinstance(layer_neurons, Iterable):
+            raise HeadpruneError(f"neurons of layer {layer} must be a list of neuron indices, got {layer_neurons!r}")
+        for raw in layer_neurons:
+            neuron = _as_index(raw, "a neuron index")
+            if not 0 <= neuron < width:
+                raise HeadpruneError(f"unknown neuron {neuron} in layer {layer}: the model has neurons 0..{width - 1}")
+            out.setdefault(layer, set()).add(neuron)
+    return {layer: sorted(out[layer]) for layer in sorted(out)}
+
+
+def neuron_gates(model: PreTrainedModel) -> list[torch.Tensor]:
+    """Per layer, the current neuron gates ``[F_l]`` (ones where no mask is set), as float32 copies."""
+    return [
+        torch.ones(n) if gate is None else gate.detach().float().cpu().clone()
+        for n, gate in zip(instrument.neurons_per_layer(model), instrument.get_neuron_mask(model), strict=True)
+    ]
+
+
+def masked_neurons(model: PreTrainedModel) -> dict[int, list[int]]:
+    """Neurons whose gate is exactly 0, by original index (physically removed ones are not listed)."""
+    out: dict[int, list[int]] = {}
+    for layer, (kept, gate) in enumerate(zip(instrument.kept_neurons(model), neuron_gates(model), strict=True)):
+        zero = [kept[p] for p in torch.nonzero(gate == 0).flatten().tolist()]
+        if zero:
+            out[layer] = zero
+    return out
+
+
+def unmask_neurons(model: PreTrainedModel) -> None:
+    """Clear every persistent neuron gate."""
+    instrument.set_neuron_mask(model, None)
+
+
+class NeuronMask:
+    """Handle returned by :func:`mask_neurons`; a context manager that undoes the mask on exit."""
+
+    def __init__(self, model: PreTrainedModel, neurons: dict[int, list[int]]) -> None:
+        self.model = model
+        self.neurons = neurons
+        self._previous_gates = [None if g is None else g.clone() for g in instrument.get_neuron_mask(model)]
+        self._previous_kept = instrument.kept_neurons(model)
+        self._active = True
+
+    def restore(self) -> None:
+        """Put back the neuron gates the model had before ``mask_neurons``."""
+        if not self._active:
+            return
+        self._active = False
+        if instrument.kept_neurons(self.model) != self._previous_kept:
+            raise HeadpruneError("cannot restore a neuron mask after neurons were physically removed")
+        instrument.set_neuron_mask(self.model, self._previous_gates)
+
+    def __enter__(self) -> NeuronMask:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
+
+def mask_neurons(model: PreTrainedModel, neurons: NeuronSet) -> NeuronMask:
+    """Gate the given feed-forward neurons (original indices) to 0, on top of any mask already set.
+
+    Other neurons keep their current gate. Applied immediately; the returned handle restores the
+    previous gates when used as a context manager (or via ``restore()``)::
+
+        with mask_neurons(model, {0: [3, 17], 2: list(range(1536))}):
+            logits = model(**batch).logits   # neurons masked; layer 2's block adds only its bias
+        # model exactly as before
+
+    Neurons already removed physically cannot be masked (one-line error).
+    """
+    chosen = model_neurons(model, neurons)
+    kept = instrument.kept_neurons(model)
+    for layer, layer_neurons in chosen.items():
+        absent = sorted(set(layer_neurons) - set(kept[layer]))
+        if absent:
+            raise HeadpruneError(f"layer {layer}: neuron(s) {absent[:5]} were already removed from the model")
+    handle = NeuronMask(model, chosen)
+    current = instrument.get_neuron_mask(model)
+    gates = neuron_gates(model)
+    for layer, layer_neurons in chosen.items():
+        position = {n: p for p, n in enumerate(kept[layer])}
+        gates[layer][[position[n] for n in layer_neurons]] = 0.0
+    instrument.set_neuron_mask(
+        model, [None if cur is None and not chosen.get(layer) else gate for layer, (cur, gate) in
+                enumerate(zip(current, gates, strict=True))],
+    )
+    return handle
