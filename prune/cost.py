@@ -4,7 +4,7 @@ FLOPs follow DESIGN.md §5 and count one multiply-add as one operation. Per laye
 head, at sequence length T with hidden size d and head width d_h:
 
     attention:     4 * T * d * d_h   (Q, K, V and output projections)  +  2 * T^2 * d_h   (QK^T, AV)
-    feed-forward:  2 * T * d * d_ff  per layer (unchanged by head pruning)
+    feed-forward:  2 * T * d         per present neuron (F_l per layer, read from the weights' shapes)
     classifier:    d^2 + d * C       per example (pooler/pre-classifier and output layer)
 
 Element-wise work (softmax, LayerNorm, GELU, embeddings) is left out. ``predicted_speedup`` is the
@@ -74,9 +74,9 @@ def attention_flops(model: PreTrainedModel, seq_len: float) -> float:
 
 def model_flops(model: PreTrainedModel, seq_len: float) -> float:
     """Attention + feed-forward + classifier multiply-adds for one example of ``seq_len`` tokens."""
-    d, _, d_ff, classes = _dims(model)
-    layers = len(instrument.encoder_layers(model))
-    return attention_flops(model, seq_len) + layers * 2 * seq_len * d * d_ff + d * d + d * classes
+    d, _, _, classes = _dims(model)
+    neurons = sum(instrument.neurons_per_layer(model))  # real widths, from the module shapes
+    return attention_flops(model, seq_len) + neurons * 2 * seq_len * d + d * d + d * classes
 
 
 def attention_params(model: PreTrainedModel) -> int:
