@@ -202,6 +202,21 @@ def test_per_example_gates_and_captured_activations():
         instrument.NeuronProbe(model).__enter__()
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_first_token_fast_path_sees_pruned_and_gated_neurons(family):
+    """AttAttr's last-layer fast path runs the pruned feed-forward blocks and the gates too."""
+    model = _model(family)
+    batch = _batch(model)
+    remove_neurons(model, {2: list(range(WIDTH)), 1: [0, 3]})
+    with torch.no_grad(), instrument.NeuronProbe(model, capture=True) as probe:
+        probe.gates = {1: torch.linspace(0, 1, WIDTH - 2)}
+        full = model(**batch).logits
+        with instrument.first_token_last_layer(model):
+            fast = model(**batch).logits
+        assert probe.activations[2].shape == (3, 1, 0)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+
+
 def test_persistent_masks_survive_copies_and_bake_into_weights():
     model = _model()
     batch = _batch(model)
