@@ -1,4 +1,5 @@
-"""headprune's measuring side: instrument attention, score heads and tokens, explain decisions.
+"""headprune's measuring side: instrument attention and feed-forward neurons, score heads, neurons
+and tokens, explain decisions.
 
 ``attribution`` never imports ``prune``. Names are loaded on first use, so importing the package
 (as the CLI does for ``--help``) does not pull in torch and transformers.
@@ -18,9 +19,13 @@ _EXPORTS = {
     "CriterionOption": "attribution.criteria",
     "HeadScores": "attribution.scores",
     "HeadpruneError": "attribution.core.errors",
+    "NEURON_CRITERIA": "attribution.criteria",
+    "NeuronProbe": "attribution.instrument",
+    "NeuronScores": "attribution.scores",
     "SUPPORTED_MODEL_TYPES": "attribution.instrument",
     "head_importance": "attribution.criteria",
     "make_criterion": "attribution.criteria",
+    "neuron_importance": "attribution.criteria",
     "quadrature": "attribution.quadrature",
     "register_criterion": "attribution.criteria",
     "score_dataset": "attribution.criteria",

@@ -1,25 +1,29 @@
-"""Head-importance criteria as objects, and the one score accumulator every scoring path uses.
+"""Importance criteria as objects, and the one score accumulator every scoring path uses.
 
-A :class:`Criterion` turns a batch into per-example head scores ``[B, L, H]`` (or, with
-``needs_data = False``, scores the model directly). It declares its options (:class:`CriterionOption`:
-name, default, type, help, choices), validates them itself, records them in the provenance and
-reports its own diagnostics (AttAttr: the relative completeness error). Criteria are registered
-by name with :func:`register_criterion`; the CLI, recipes and :func:`head_importance` find them in
-:data:`CRITERIA`.
+A :class:`Criterion` scores one kind of unit (``unit``: ``"head"`` by default, or ``"neuron"``,
+see :mod:`.units`): it turns a batch into per-example scores ``[B, L, U]`` (heads: ``[B, L, H]``;
+neurons: ``[B, L, F]``), or, with ``needs_data = False``, scores the model directly. It declares
+its options (:class:`CriterionOption`: name, default, type, help, choices), validates them itself,
+records them in the provenance and reports its own diagnostics (AttAttr: the relative completeness
+error). Criteria are registered by name with :func:`register_criterion`, filed by their unit: head
+criteria in :data:`CRITERIA` (what the CLI, recipes and :func:`head_importance` use), neuron
+criteria in :data:`NEURON_CRITERIA` (:func:`neuron_importance`). A name may exist for both units
+(``taylor``, ``fisher``, ``random``, ``gate_ig``).
 
-Scoring is one accumulation, whatever runs it: a :class:`ScoreAccumulator` sums per-example scores
-into a :class:`ScorePartial` (``sum`` ``[L, H]``, ``count``, per-example diagnostics); partials of
-shards merge in shard order (:meth:`ScorePartial.merge`); :func:`finalize_scores` reduces across
-processes (optional hook), divides or not (``reduction``), post-processes (``finalize``) and wraps
-the result in :class:`~attribution.scores.HeadScores` with provenance. :func:`head_importance`
-(batches in one process) and :func:`score_dataset` (a data set, sharded over processes) are that
-accumulation end to end. Nothing of size ``[B, L, H, T, T]`` is kept beyond one layer of one batch.
+Scoring is one accumulation, whatever runs it and whatever the unit: a :class:`ScoreAccumulator`
+sums per-example scores into a :class:`ScorePartial` (``sum`` ``[L, U]``, ``count``, per-example
+diagnostics); partials of shards merge in shard order (:meth:`ScorePartial.merge`);
+:func:`finalize_scores` reduces across processes (optional hook), divides or not (``reduction``),
+post-processes (``finalize``) and wraps the result in the unit's scores class
+(:class:`~attribution.scores.HeadScores` or :class:`~attribution.scores.NeuronScores`) with
+provenance. :func:`head_importance`, :func:`neuron_importance` (batches in one process) and
+:func:`score_dataset` (a data set, sharded over processes) are that accumulation end to end.
+Nothing of size ``[B, L, H, T, T]`` is kept beyond one layer of one batch.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -33,109 +37,11 @@ from transformers import PreTrainedModel
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
 from attribution.core.io import save_tensors
-from attribution.scores import HeadScores
+from attribution.criteria.options import _OF_TYPE, CriterionOption, CriterionOptionError
+from attribution.criteria.units import HEAD, UNITS, unit_named
+from attribution.scores import HeadScores, NeuronScores, UnitScores
 
 Reducer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", object: "any value"}
-_OF_TYPE = {
-    bool: lambda v: isinstance(v, bool),
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-    str: lambda v: isinstance(v, str),
-    object: lambda v: True,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Options
-# --------------------------------------------------------------------------------------------
-
-
-class CriterionOptionError(HeadpruneError):
-    """A bad criterion option; ``option`` names it (None: the options as a whole)."""
-
-    def __init__(self, criterion: str, option: str | None, problem: str, expect: str = "") -> None:
-        self.criterion, self.option, self.problem, self.expect = criterion, option, problem, expect
-        where = f"{criterion} option {option}" if option else f"{criterion} options"
-        super().__init__(f"{where}: {problem}" + (f"; expected {expect}" if expect else ""))
-
-
-@dataclass(frozen=True)
-class CriterionOption:
-    """One option of a criterion: what the CLI shows as a flag and a recipe accepts as a key.
-
-    ``type`` is ``bool``, ``int``, ``float``, ``str`` (or ``object``: any value, unchecked);
-    ``choices`` limits the values; ``minimum`` bounds numbers from below; ``nullable`` also accepts
-    None (implied when the default is None).
-    """
-
-    name: str
-    default: Any
-    type: type
-    help: str
-    choices: tuple[Any, ...] | None = None
-    minimum: int | float | None = None
-    nullable: bool = False
-
-    def __post_init__(self) -> None:
-        if self.type not in _TYPE_WORDS:
-            raise TypeError(f"criterion option {self.name}: type must be bool, int, float, str or object")
-
-    @property
-    def accepts_none(self) -> bool:
-        return self.nullable or self.default is None
-
-    @property
-    def expect(self) -> str:
-        """What a valid value looks like, in words."""
-        if self.choices is not None:
-            text = "one of: " + ", ".join(map(str, self.choices))
-        elif self.type is int and self.minimum == 1:
-            text = "a positive integer"
-        elif self.minimum is not None:
-            text = f"{_TYPE_WORDS[self.type]} >= {self.minimum}"
-        else:
-            text = _TYPE_WORDS[self.type]
-        return text + (" (or null)" if self.accepts_none else "")
-
-    def problem(self, value: Any) -> str | None:
-        """None when ``value`` is valid, else what was wrong with it (``got ...``)."""
-        if value is None:
-            return None if self.accepts_none else "got null"
-        ok = (
-            _OF_TYPE[self.type](value)
-            and (self.choices is None or value in self.choices)
-            and (self.minimum is None or value >= self.minimum)
-        )
-        return None if ok else f"got {value!r}"
-
-    def check(self, criterion: str, value: Any) -> Any:
-        """``value`` as the criterion keeps it (ints become floats for float options), or a
-        :class:`CriterionOptionError` naming the option."""
-        problem = self.problem(value)
-        if problem is not None:
-            raise CriterionOptionError(criterion, self.name, problem, self.expect)
-        return float(value) if self.type is float and value is not None else value
-
-    def parse(self, criterion: str, text: str) -> Any:
-        """A command-line string as a value of this option (not yet range-checked)."""
-        if not isinstance(text, str):
-            return text
-        if self.accepts_none and text.strip().lower() in ("none", "null"):
-            return None
-        try:
-            if self.type is bool:
-                words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-                return words[text.strip().lower()]
-            if self.type is int:
-                return int(text)
-            if self.type is float:
-                return float(text)
-        except (KeyError, ValueError):
-            raise CriterionOptionError(criterion, self.name, f"got {text!r}", self.expect) from None
-        return text
-
 
 # --------------------------------------------------------------------------------------------
 # Criterion and registry
@@ -143,14 +49,15 @@ class CriterionOption:
 
 
 class Criterion:
-    """Base class of head-importance criteria.
+    """Base class of importance criteria (of heads, or of the units ``unit`` names).
 
-    Subclasses set ``name``, ``reduction`` (``"mean"`` or ``"sum"`` over examples), ``needs_data``
-    and ``OPTIONS`` (a tuple of :class:`CriterionOption`; the validated values, defaults filled in,
-    are ``self.settings``), and implement ``per_example`` (or ``scores`` when
-    ``needs_data = False``). Optional hooks: ``validate_options`` (checks across options),
-    ``finalize`` (post-process the reduced ``[L, H]``), ``take_diagnostics``/``summarize``
-    (per-example diagnostics into provenance entries). ``RENAMED`` maps old option names to new
+    Subclasses set ``name``, ``unit`` (``"head"``, the default, or ``"neuron"``), ``reduction``
+    (``"mean"`` or ``"sum"`` over examples), ``needs_data`` and ``OPTIONS`` (a tuple of
+    :class:`CriterionOption`; the validated values, defaults filled in, are ``self.settings``), and
+    implement ``per_example`` (or ``scores`` when ``needs_data = False``). Optional hooks:
+    ``validate_options`` (checks across options), ``finalize`` (post-process the reduced
+    ``[L, U]``), ``take_diagnostics``/``summarize`` (per-example diagnostics into provenance
+    entries). ``RENAMED`` maps old option names to new
     ones, for a clear error.
 
     A subclass that defines its own ``__init__`` with keyword defaults instead of ``OPTIONS`` gets
@@ -158,6 +65,7 @@ class Criterion:
     """
 
     name: ClassVar[str] = ""
+    unit: ClassVar[str] = "head"
     reduction: ClassVar[str] = "mean"
     needs_data: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[CriterionOption, ...]] = ()
@@ -208,15 +116,16 @@ class Criterion:
     # ---- scoring ---------------------------------------------------------------------------
 
     def per_example(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[B, L, H]`` float64 scores of each example (original head indices, removed heads 0)."""
+        """``[B, L, U]`` float64 scores of each example (original unit indices, removed units 0;
+        heads: ``[B, L, H]``)."""
         raise NotImplementedError(f"criterion {self.name!r} does not score examples")
 
     def scores(self, model: PreTrainedModel) -> torch.Tensor:
-        """``[L, H]`` scores of a criterion that needs no data (``needs_data = False``)."""
+        """``[L, U]`` scores of a criterion that needs no data (``needs_data = False``)."""
         raise NotImplementedError(f"criterion {self.name!r} needs data")
 
     def finalize(self, values: torch.Tensor) -> torch.Tensor:
-        """Post-process the reduced ``[L, H]`` (e.g. per-layer normalisation)."""
+        """Post-process the reduced ``[L, U]`` (e.g. per-layer normalisation)."""
         return values
 
     # ---- diagnostics -----------------------------------------------------------------------
@@ -235,27 +144,34 @@ class Criterion:
         return f"{type(self).__name__}({options})"
 
 
-CRITERIA: dict[str, type[Criterion]] = {}
+CRITERIA: dict[str, type[Criterion]] = {}  # head criteria: head_importance, the CLI, recipes
+NEURON_CRITERIA: dict[str, type[Criterion]] = {}  # neuron criteria: neuron_importance
+REGISTRIES: dict[str, dict[str, type[Criterion]]] = {"head": CRITERIA, "neuron": NEURON_CRITERIA}
 
 
 def register_criterion(cls: type[Criterion]) -> type[Criterion]:
-    """Class decorator: make a criterion available by its ``name`` (``head_importance``, the CLI's
-    ``--criterion`` and recipes' ``score.criteria``)."""
+    """Class decorator: make a criterion available by its ``name``, in the registry of its ``unit``
+    (heads: :data:`CRITERIA`, for ``head_importance``, the CLI's ``--criterion`` and recipes'
+    ``score.criteria``; neurons: :data:`NEURON_CRITERIA`, for ``neuron_importance``)."""
     if not (isinstance(cls, type) and issubclass(cls, Criterion)):
         raise TypeError(f"register_criterion takes a Criterion subclass, got {cls!r}")
     if not cls.name or not isinstance(cls.name, str):
         raise TypeError(f"{cls.__name__} needs a name to be registered")
     if cls.reduction not in ("mean", "sum"):
         raise TypeError(f"{cls.__name__}.reduction must be 'mean' or 'sum', got {cls.reduction!r}")
+    if cls.unit not in REGISTRIES:
+        raise TypeError(f"{cls.__name__}.unit must be one of {', '.join(REGISTRIES)}, got {cls.unit!r}")
     cls.option_spec()  # fails now, not at first use, on an unusable option declaration
-    CRITERIA[cls.name] = cls
+    REGISTRIES[cls.unit][cls.name] = cls
     return cls
 
 
-def make_criterion(criterion: str | Criterion, **options: Any) -> Criterion:
-    """A criterion object: a registered name with its options, or a ``Criterion`` as it is (then
-    no options). One-line errors for unknown names and bad options."""
-    if isinstance(options.get("method"), str) and options["method"] in CRITERIA:  # the former argument name
+def make_criterion(criterion: str | Criterion, *, unit: str = "head", **options: Any) -> Criterion:
+    """A criterion object scoring ``unit`` (``head`` or ``neuron``): a name registered for that
+    unit with its options, or a ``Criterion`` of that unit as it is (then no options). One-line
+    errors for unknown names, bad options and a criterion of another unit."""
+    registry = REGISTRIES[unit_named(unit).name]
+    if isinstance(options.get("method"), str) and options["method"] in registry:  # the former argument name
         raise HeadpruneError(f"method was renamed to criterion: criterion={options['method']!r}")
     if isinstance(criterion, Criterion):
         if options:
@@ -263,11 +179,14 @@ def make_criterion(criterion: str | Criterion, **options: Any) -> Criterion:
                 f"options ({', '.join(sorted(options))}) go with a criterion name; "
                 f"this {criterion.name} criterion object is already configured"
             )
+        if criterion.unit != unit:
+            raise HeadpruneError(f"criterion {criterion.name!r} scores {criterion.unit}s, not {unit}s")
         return criterion
-    if not isinstance(criterion, str) or criterion not in CRITERIA:
+    if not isinstance(criterion, str) or criterion not in registry:
         shown = criterion if isinstance(criterion, str) else type(criterion).__name__
-        raise HeadpruneError(f"unknown criterion {shown!r}; choose one of {', '.join(CRITERIA)}")
-    cls = CRITERIA[criterion]
+        which = "" if unit == "head" else f"{unit} "
+        raise HeadpruneError(f"unknown {which}criterion {shown!r}; choose one of {', '.join(registry)}")
+    cls = registry[criterion]
     cls.check_options(options)  # also for criteria with their own __init__
     try:
         return cls(**options)
@@ -277,21 +196,14 @@ def make_criterion(criterion: str | Criterion, **options: Any) -> Criterion:
 
 def scatter_heads(model: PreTrainedModel, per_layer: dict[int, torch.Tensor], batch_size: int) -> torch.Tensor:
     """``{layer: [B, H_l]}`` over a layer's current heads -> ``[B, L, H]`` float64 over the original
-    heads (removed heads 0): the layout ``per_example`` returns."""
-    kept = instrument.kept_heads(model)
-    out = torch.zeros(batch_size, len(kept), instrument.original_num_heads(model), dtype=torch.float64)
-    for layer, values in per_layer.items():
-        if kept[layer]:
-            out[:, layer, kept[layer]] = values.detach().double().cpu()
-    return out
+    heads (removed heads 0): the layout ``per_example`` returns (any unit: ``Unit.scatter``)."""
+    return HEAD.scatter(model, per_layer, batch_size)
 
 
 def zero_removed_heads(model: PreTrainedModel, values: torch.Tensor) -> torch.Tensor:
-    """``values`` ``[..., L, H]`` with the removed heads of ``model`` set to 0."""
-    removed = torch.ones(values.shape[-2:], dtype=torch.bool)
-    for layer, heads in enumerate(instrument.kept_heads(model)):
-        removed[layer, heads] = False
-    return values.masked_fill(removed, 0.0)
+    """``values`` ``[..., L, H]`` with the removed heads of ``model`` set to 0 (any unit:
+    ``Unit.zero_removed``)."""
+    return HEAD.zero_removed(model, values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +215,7 @@ PARTIAL_FORMAT = "headprune.ScorePartial"
 
 @dataclass
 class ScorePartial:
-    """Summed per-example scores of some examples: ``sum`` ``[L, H]`` float64, ``count`` examples,
+    """Summed per-example scores of some examples: ``sum`` ``[L, U]`` float64, ``count`` examples,
     per-example ``diagnostics`` (first dimension: examples), ``seconds`` spent; ``fingerprint``
     is free for the caller (the recipe pipeline stores its stage fingerprint there)."""
 
@@ -381,12 +293,14 @@ class ScorePartial:
 class ScoreAccumulator:
     """Sums ``criterion.per_example`` over batches: ``update(batch)`` per batch, then ``partial()``.
 
-    Used by every scoring path (plain, sharded, multi-process), so they all sum alike.
+    Used by every scoring path (plain, sharded, multi-process) and every unit (``shape`` is
+    ``[L, U]`` of the criterion's unit: ``[L, H]`` for heads, ``[L, F]`` for neurons), so they all
+    sum alike.
     """
 
     def __init__(self, criterion: Criterion, model: PreTrainedModel) -> None:
         self.criterion, self.model = criterion, model
-        self.shape = (len(instrument.encoder_layers(model)), instrument.original_num_heads(model))
+        self.shape = unit_named(criterion.unit).shape(model)
         self.sum = torch.zeros(self.shape, dtype=torch.float64)
         self.count = 0
         self._diagnostics: dict[str, list[torch.Tensor]] = {}
@@ -427,29 +341,31 @@ def finalize_scores(
     *,
     reduce: Reducer | None = None,
     provenance: dict[str, Any] | None = None,
-) -> HeadScores:
-    """``HeadScores`` from summed scores: ``reduce(sum, count)`` first when given (e.g.
+) -> UnitScores:
+    """Scores from summed scores (``HeadScores``, or ``NeuronScores`` for a neuron criterion):
+    ``reduce(sum, count)`` first when given (e.g.
     ``attribution.core.processes.reduce`` to sum over processes), then the mean over examples (or
     the sum, by ``criterion.reduction``), then ``criterion.finalize``. A criterion that needs no
     data scores ``model`` directly (``partial`` is then ignored and may be None).
 
     The provenance holds the model, its type, the examples, the criterion's options, the kept
-    heads, the seconds, package versions and the criterion's summary of its diagnostics;
-    ``provenance`` adds (or overrides) entries.
+    heads (for neurons: the widths and removed neurons), the seconds, package versions and the
+    criterion's summary of its diagnostics; ``provenance`` adds (or overrides) entries.
     """
     started = time.perf_counter()
+    unit = unit_named(criterion.unit)
     if not criterion.needs_data:
         summed = criterion.scores(model)
         count = 1
     else:
         if partial is None:
-            raise HeadpruneError("no examples to score heads on")
+            raise HeadpruneError(f"no examples to score {unit.plural} on")
         summed, count = partial.sum, int(partial.count)
         if reduce is not None:
             summed, total = reduce(summed, torch.tensor(float(count), dtype=torch.float64))
             count = int(total)
         if count == 0:
-            raise HeadpruneError("no examples to score heads on")
+            raise HeadpruneError(f"no examples to score {unit.plural} on")
     values = summed / count if criterion.reduction == "mean" else summed
     values = criterion.finalize(values)
     import transformers
@@ -462,7 +378,7 @@ def finalize_scores(
         "model_type": model.config.model_type,
         "examples": count if criterion.needs_data else 0,
         "options": criterion.options(),
-        "kept_heads": instrument.kept_heads(model),
+        **unit.provenance(model),
         "seconds": round(seconds, 3),
         "headprune": __version__,
         "torch": torch.__version__,
@@ -471,7 +387,7 @@ def finalize_scores(
     if criterion.needs_data and partial is not None and partial.diagnostics:
         record.update(criterion.summarize(partial.diagnostics))
     record.update(provenance or {})
-    return HeadScores(values, criterion.name, record)
+    return unit.scores(values, criterion.name, record)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,13 +419,50 @@ def head_importance(
     Returns:
         ``HeadScores`` with ``values`` ``[L, H]``.
     """
+    return _importance(model, batches, criterion, "head", max_examples, progress, reduce, total, options)
+
+
+def neuron_importance(
+    model: PreTrainedModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    criterion: str | Criterion = "fisher",
+    *,
+    max_examples: int | None = None,
+    progress: bool = True,
+    reduce: Reducer | None = None,
+    total: int | None = None,
+    **options: Any,
+) -> NeuronScores:
+    """Score every feed-forward neuron of ``model`` on ``batches``, as :func:`head_importance`
+    scores heads (the same accumulation).
+
+    Args:
+        criterion: a name in ``NEURON_CRITERIA`` (``fisher``, ``taylor``, ``magnitude``,
+            ``random``, ``gate_ig``, ...) with its ``options``, or a neuron ``Criterion`` object.
+
+    Returns:
+        ``NeuronScores`` with ``values`` ``[L, F]`` (F the width before pruning; removed neurons 0).
+    """
+    return _importance(model, batches, criterion, "neuron", max_examples, progress, reduce, total, options)
+
+
+def _importance(
+    model: PreTrainedModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    criterion: str | Criterion,
+    unit: str,
+    max_examples: int | None,
+    progress: bool,
+    reduce: Reducer | None,
+    total: int | None,
+    options: dict[str, Any],
+) -> Any:
     instrument.model_family(model)
-    criterion = make_criterion(criterion, **options)
+    criterion = make_criterion(criterion, unit=unit, **options)
     accumulator = ScoreAccumulator(criterion, model)
     if criterion.needs_data:
-        bar = tqdm(
-            total=max_examples or total, desc=f"scoring heads ({criterion.name})", unit="ex", disable=not progress
-        )
+        desc = f"scoring {UNITS[unit].plural} ({criterion.name})"
+        bar = tqdm(total=max_examples or total, desc=desc, unit="ex", disable=not progress)
         for batch in batches:
             if max_examples is not None and accumulator.count >= max_examples:
                 break
@@ -532,12 +485,14 @@ def score_dataset(
     max_examples: int | None = None,
     progress: bool = True,
     sort_by_length: bool = False,
+    unit: str = "head",
     **options: Any,
-) -> HeadScores:
-    """:func:`head_importance` over ``dataset`` (rows with ``text``[, ``text_pair``], ``label``),
-    on one process or sharded across the processes of a distributed launch (``accelerate launch``,
-    ``torchrun``): every process returns the scores of the whole data set (as one process would,
-    up to float summation order), diagnostics included.
+) -> UnitScores:
+    """:func:`head_importance` (or with ``unit="neuron"`` :func:`neuron_importance`) over
+    ``dataset`` (rows with ``text``[, ``text_pair``], ``label``), on one process or sharded across
+    the processes of a distributed launch (``accelerate launch``, ``torchrun``): every process
+    returns the scores of the whole data set (as one process would, up to float summation order),
+    diagnostics included.
 
     ``max_examples`` takes the first rows of ``dataset`` before sharding; ``sort_by_length``
     batches rows of similar length together (less padding; the same scores up to summation order).
@@ -545,13 +500,13 @@ def score_dataset(
     from attribution.core import processes
     from attribution.core.data import iter_batches
 
-    criterion = make_criterion(criterion, **options)
+    criterion = make_criterion(criterion, unit=unit, **options)
     if max_examples is not None:
         if max_examples < 1:
             raise HeadpruneError(f"max_examples must be positive, got {max_examples}")
         dataset = dataset.select(range(min(max_examples, len(dataset))))
     if len(dataset) == 0:
-        raise HeadpruneError("no examples to score heads on")
+        raise HeadpruneError(f"no examples to score {UNITS[unit].plural} on")
     instrument.model_family(model)
     home = next(model.parameters()).device
     model.to(processes.device())
@@ -561,7 +516,7 @@ def score_dataset(
         if criterion.needs_data:
             bar = tqdm(
                 total=len(part),
-                desc=f"scoring heads ({criterion.name})",
+                desc=f"scoring {UNITS[unit].plural} ({criterion.name})",
                 unit="ex",
                 disable=not (progress and processes.is_main_process()),
             )

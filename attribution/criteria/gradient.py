@@ -1,26 +1,29 @@
-"""``taylor`` and ``fisher``: head importance from the gradient of the loss at head gates fixed at 1."""
+"""``taylor`` and ``fisher``: head importance from the gradient of the loss at head gates fixed at 1
+(:func:`gate_gradients` also serves the neuron criteria of :mod:`.neurons`)."""
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel
 
-from attribution import instrument
 from attribution.core.inputs import inference_setup, resolve_target, validate_inputs
-from attribution.criteria.base import Criterion, CriterionOption, register_criterion, scatter_heads
+from attribution.criteria.base import Criterion, CriterionOption, register_criterion
+from attribution.criteria.units import unit_named
 
 
-def gate_gradients(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per example ``dL/dxi_h`` ``[B, L, H]`` float64 through head gates fixed at 1, with L the
-    cross-entropy of the gold labels when the batch has them, else of the predictions."""
+def gate_gradients(model: PreTrainedModel, batch: dict[str, torch.Tensor], unit: str = "head") -> torch.Tensor:
+    """Per example ``dL/dxi_u`` ``[B, L, U]`` float64 through the gates of ``unit`` (heads
+    ``[B, L, H]``, or neurons ``[B, L, F]``) fixed at 1, with L the cross-entropy of the gold
+    labels when the batch has them, else of the predictions (removed units 0)."""
+    kind = unit_named(unit)
     inputs = validate_inputs(model, batch)
     bsz = inputs["input_ids"].shape[0]
-    sizes = instrument.heads_per_layer(model)
+    sizes = kind.per_layer(model)
     device = inputs["input_ids"].device
     gates = {
         layer: torch.ones(bsz, size, device=device, requires_grad=True) for layer, size in enumerate(sizes) if size
     }
-    with inference_setup(model), instrument.AttentionProbe(model) as probe, torch.enable_grad():
+    with inference_setup(model), kind.probe(model) as probe, torch.enable_grad():
         probe.gates.update(gates)
         logits = model(**inputs).logits.float()
         labels = batch.get("labels")
@@ -28,7 +31,7 @@ def gate_gradients(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> to
         # Summed loss: examples are independent, so dL/dgate[b] is example b's own gradient.
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         grads = torch.autograd.grad(loss, list(gates.values()))
-    return scatter_heads(model, dict(zip(gates, grads, strict=True)), bsz)
+    return kind.scatter(model, dict(zip(gates, grads, strict=True)), bsz)
 
 
 @register_criterion
