@@ -48,7 +48,7 @@ TOKENS_PER_CALL = 4096  # default rows per forward pass: this many tokens (inter
 CALL_OVERHEAD_TOKENS = 96  # a forward + backward call's fixed cost, in tokens of work (measured on CPU)
 
 
-def _content_lengths(mask: torch.Tensor) -> list[int]:
+def content_lengths(mask: torch.Tensor) -> list[int]:
     """Per example, how many leading positions hold tokens; the full width unless right-padded."""
     seq = mask.shape[1]
     lengths = mask.sum(dim=1)
@@ -56,7 +56,7 @@ def _content_lengths(mask: torch.Tensor) -> list[int]:
     return [int(n) for n in lengths] if right_padded else [seq] * mask.shape[0]
 
 
-def _row_chunks(
+def row_chunks(
     lengths: list[int], steps: int, max_rows: int | None, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """Split the (example, step) rows into forward calls: ``(examples [R], steps [R], length)``.
@@ -213,7 +213,7 @@ class AttAttr:
             [weight for k, weight in enumerate(weights) if k not in at_one],
         )
         with inference_setup(model), self._autocast(autocast_dtype):
-            lengths = _content_lengths(mask)
+            lengths = content_lengths(mask)
             f_full, target_ids, hidden_in, attentions, grads_at_one = self._unscaled_pass(
                 batch, lengths, internal_batch_size, target, gradients=bool(at_one)
             )
@@ -235,13 +235,13 @@ class AttAttr:
                 bias = instrument.output_projection(model, layer).bias
                 bias = torch.zeros(direction.shape[-1], device=mask.device) if bias is None else bias.detach()
                 f_base = torch.zeros_like(f_full)
-                for ex, _, length in _row_chunks(lengths, 1, internal_batch_size, mask.device):
+                for ex, _, length in row_chunks(lengths, 1, internal_batch_size, mask.device):
                     alone = bias.expand(len(ex), seq, -1)  # alpha = 0: no head contributes
                     f_base[ex] = self._run_from(layer, batch, hidden_in[layer], target_ids, ex, length, alone, False)[0]
                 output_grad = torch.zeros_like(direction, dtype=torch.float32)  # accumulated in fp32
                 steps = torch.tensor(alphas, device=mask.device, dtype=torch.float32)
                 step_weights = torch.tensor(weights, device=mask.device, dtype=torch.float32)
-                for ex, k, length in _row_chunks(lengths, len(alphas), internal_batch_size, mask.device):
+                for ex, k, length in row_chunks(lengths, len(alphas), internal_batch_size, mask.device):
                     output = steps[k][:, None, None] * direction[ex].detach() + bias
                     _, grad = self._run_from(layer, batch, hidden_in[layer], target_ids, ex, length, output, True)
                     weighted = grad.float() * step_weights[k][:, None, None]
@@ -284,7 +284,7 @@ class AttAttr:
             instrument.first_token_last_layer(model),  # the other query rows of the last layer get no gradient
             torch.set_grad_enabled(gradients),
         ):
-            for rows, _, length in _row_chunks(lengths, 1, max_rows, device):
+            for rows, _, length in row_chunks(lengths, 1, max_rows, device):
                 probe.clear()
                 out = model(**{key: value[rows, :length] for key, value in batch.items()}, output_hidden_states=True)
                 logits = out.logits.float()

@@ -96,7 +96,7 @@ def test_row_chunks_are_the_cheapest_cut_into_runs_of_lengths():
     length-sorted rows into runs (brute force over all of them) is cheaper."""
     import itertools
 
-    from attribution.attattr import CALL_OVERHEAD_TOKENS, TOKENS_PER_CALL, _row_chunks
+    from attribution.attattr import CALL_OVERHEAD_TOKENS, TOKENS_PER_CALL, row_chunks
 
     def cost_of(calls):
         return sum(CALL_OVERHEAD_TOKENS + rows * longest for rows, longest in calls)
@@ -105,7 +105,7 @@ def test_row_chunks_are_the_cheapest_cut_into_runs_of_lengths():
     for _ in range(20):
         lengths = torch.randint(3, 200, (int(torch.randint(1, 12, (1,), generator=generator)),), generator=generator)
         lengths, steps = lengths.tolist(), int(torch.randint(1, 8, (1,), generator=generator))
-        chosen = cost_of((len(ex), length) for ex, _, length in _row_chunks(lengths, steps, None, torch.device("cpu")))
+        chosen = cost_of((len(ex), length) for ex, _, length in row_chunks(lengths, steps, None, torch.device("cpu")))
         classes = sorted(set(lengths))
         best = float("inf")
         for cuts in itertools.product([False, True], repeat=len(classes) - 1):
@@ -256,11 +256,11 @@ def test_accepts_a_tokenizer_batch_encoding(bert, batch):
 
 @pytest.mark.parametrize("max_rows", [None, 1, 5])
 def test_row_chunks_cover_every_row_once_within_budget(max_rows):
-    from attribution.attattr import TOKENS_PER_CALL, _row_chunks
+    from attribution.attattr import TOKENS_PER_CALL, row_chunks
 
     lengths = [7, 300, 12, 3, 3, 900, 64]
     seen = []
-    for examples, steps, length in _row_chunks(lengths, 4, max_rows, torch.device("cpu")):
+    for examples, steps, length in row_chunks(lengths, 4, max_rows, torch.device("cpu")):
         assert length == max(lengths[b] for b in examples.tolist())
         if max_rows:
             assert len(examples) <= max_rows

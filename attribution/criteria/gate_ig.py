@@ -55,7 +55,7 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution import instrument
-from attribution.attattr import OUTPUTS, _content_lengths, _row_chunks
+from attribution.attattr import OUTPUTS, content_lengths, row_chunks
 from attribution.core.errors import HeadpruneError
 from attribution.core.inputs import inference_setup, resolve_target, target_output, validate_inputs
 from attribution.criteria.base import Criterion, CriterionOption, CriterionOptionError, register_criterion
@@ -118,7 +118,7 @@ def gate_attributions(
     # the unscaled model gives its gradients for every layer.
     weight_at_one = sum(w for a, w in zip(alphas, weights, strict=True) if a == 1.0)
     scaled = [(a, w) for a, w in zip(alphas, weights, strict=True) if a != 1.0]
-    lengths = _content_lengths(mask)
+    lengths = content_lengths(mask)
     given = None if target is None else resolve_target(target, torch.empty(bsz, model.config.num_labels))
     run = _Runner(model, kind, batch, internal_batch_size, dtype, output)
     per_layer: dict[int, torch.Tensor] = {}
@@ -130,14 +130,14 @@ def gate_attributions(
             if not size:  # nothing to gate: F(0) = F(1), no attribution
                 baseline[:, layer] = full
                 continue
-            for ex, _, length in _row_chunks(lengths, 1, internal_batch_size, device):
+            for ex, _, length in row_chunks(lengths, 1, internal_batch_size, device):
                 gate = torch.zeros(len(ex), size, dtype=dtype, device=device)
                 baseline[ex.cpu(), layer] = run.from_layer(layer, hidden_in[layer], ex, length, gate)[0].double().cpu()
             attribution = torch.zeros(bsz, size, dtype=torch.float64, device=device)
             if scaled:
                 steps = torch.tensor([a for a, _ in scaled], dtype=dtype, device=device)
                 step_weights = torch.tensor([w for _, w in scaled], dtype=torch.float64, device=device)
-                for ex, k, length in _row_chunks(lengths, len(scaled), internal_batch_size, device):
+                for ex, k, length in row_chunks(lengths, len(scaled), internal_batch_size, device):
                     gate = steps[k][:, None].expand(len(ex), size).clone().requires_grad_()
                     _, grad = run.from_layer(layer, hidden_in[layer], ex, length, gate)
                     attribution.index_add_(0, ex, grad.double() * step_weights[k][:, None])
@@ -180,7 +180,7 @@ class _Runner:
         sizes = self.kind.per_layer(model)
         grads = {layer: torch.zeros(bsz, size, dtype=torch.float64, device=device) for layer, size in enumerate(sizes)}
         with instrument.first_token_last_layer(model), torch.set_grad_enabled(gradients):
-            for rows, _, length in _row_chunks(lengths, 1, self.max_rows, device):
+            for rows, _, length in row_chunks(lengths, 1, self.max_rows, device):
                 gates = {
                     layer: torch.ones(len(rows), size, dtype=self.dtype, device=device, requires_grad=gradients)
                     for layer, size in enumerate(sizes)
