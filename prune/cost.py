@@ -65,18 +65,33 @@ def _dims(model: PreTrainedModel) -> tuple[int, int, int, int]:
     return d, instrument.head_size(model), d_ff, int(config.num_labels)
 
 
+def head_flops(hidden: int, head_size: int, seq_len: float) -> float:
+    """Multiply-adds of one head for one example: ``4·T·d·d_h`` (Q, K, V, output) ``+ 2·T²·d_h``."""
+    return float(4 * seq_len * hidden * head_size + 2 * seq_len**2 * head_size)
+
+
+def neuron_flops(hidden: int, seq_len: float) -> float:
+    """Multiply-adds of one feed-forward neuron for one example: ``2·T·d``."""
+    return float(2 * seq_len * hidden)
+
+
+def classifier_flops(hidden: int, classes: int) -> float:
+    """The fixed per-example part: pooler/pre-classifier ``d²`` plus the output layer ``d·C``."""
+    return float(hidden * hidden + hidden * classes)
+
+
 def attention_flops(model: PreTrainedModel, seq_len: float) -> float:
     """Multiply-adds of all present heads for one example of ``seq_len`` tokens (DESIGN.md §5)."""
     d, d_h, _, _ = _dims(model)
     heads = sum(instrument.heads_per_layer(model))
-    return float(heads * (4 * seq_len * d * d_h + 2 * seq_len**2 * d_h))
+    return float(heads * head_flops(d, d_h, seq_len))
 
 
 def model_flops(model: PreTrainedModel, seq_len: float) -> float:
     """Attention + feed-forward + classifier multiply-adds for one example of ``seq_len`` tokens."""
     d, _, _, classes = _dims(model)
     neurons = sum(instrument.neurons_per_layer(model))  # real widths, from the module shapes
-    return attention_flops(model, seq_len) + neurons * 2 * seq_len * d + d * d + d * classes
+    return attention_flops(model, seq_len) + neurons * neuron_flops(d, seq_len) + classifier_flops(d, classes)
 
 
 def attention_params(model: PreTrainedModel) -> int:
