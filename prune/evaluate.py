@@ -54,15 +54,19 @@ def evaluate(
     model_name: str = "",
     data_name: str = "",
     split: str = "",
+    sharded: bool = True,
 ) -> EvalResult:
-    """Predict every row of ``dataset`` (with a ``label`` column) and compute ``metrics``."""
+    """Predict every row of ``dataset`` (with a ``label`` column) and compute ``metrics``.
+
+    ``sharded``: split the rows across the processes of a multi-process launch (every process must
+    call it then); ``False`` for code that runs on one process while the others wait."""
     if "label" not in dataset.column_names:
         raise HeadpruneError(f"the data set has no 'label' column (columns: {', '.join(dataset.column_names)})")
     compute_metrics([0], [0], metrics)  # unknown metric names fail before any work
     started = time.perf_counter()
     logits = predict_logits(
         model, tokenizer, dataset, batch_size=batch_size, max_length=max_length, progress=progress,
-        desc="evaluating", sharded=True,
+        desc="evaluating", sharded=sharded,
     )
     labels = torch.as_tensor(list(dataset["label"]), dtype=torch.long)
     if (labels < 0).any():
@@ -75,7 +79,7 @@ def evaluate(
         data=data_name,
         split=split,
         seconds=round(time.perf_counter() - started, 3),
-        processes=processes.num_processes(),
+        processes=processes.num_processes() if sharded else 1,
     )
 
 

@@ -160,13 +160,20 @@ def decide(
     )
 
 
-def pruned_copy(model: PreTrainedModel, heads: Mapping[int, Sequence[int]]) -> PreTrainedModel:
-    """A deep copy of ``model`` with ``heads`` (original indices) physically removed."""
-    from prune.surgery import remove_heads
+def pruned_copy(
+    model: PreTrainedModel,
+    heads: Mapping[int, Sequence[int]],
+    neurons: Mapping[int, Sequence[int]] | None = None,
+) -> PreTrainedModel:
+    """A deep copy of ``model`` with ``heads`` and feed-forward ``neurons`` (original indices,
+    ``{layer: [index, ...]}``) physically removed."""
+    from prune.surgery import remove_heads, remove_neurons
 
     pruned = copy.deepcopy(model)
-    if heads:
-        remove_heads(pruned, {int(k): list(v) for k, v in heads.items()})
+    if any(heads.values()):
+        remove_heads(pruned, {int(k): list(v) for k, v in heads.items() if v})
+    if neurons and any(neurons.values()):
+        remove_neurons(pruned, {int(k): list(v) for k, v in neurons.items() if v})
     return pruned
 
 

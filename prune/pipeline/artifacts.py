@@ -137,3 +137,90 @@ class ExportRun(Record):
     FORMAT = "headprune.ExportRun"
 
     models: dict[str, OnnxExport]
+
+
+# --------------------------------------------------------------------------------------------
+# Compression (heads and neurons to a budget), heal, INT8
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompressRun(Record):
+    """``compress/compress.json``: the final compressed model: what the search chose for the
+    recipe's target, its predicted cost, and its metrics (dense, pruned, repaired) on the
+    evaluation rows."""
+
+    FORMAT = "headprune.CompressRun"
+
+    target: str  # latency | flops | max_drop
+    fraction: float  # the budget fraction searched (for max_drop: the one bisection accepted)
+    criterion: str
+    repair: str
+    heads_per_layer: list[int]
+    neurons_per_layer: list[int]
+    heads_removed: int
+    neurons_removed: int
+    flops_fraction: float
+    predicted_ms: float | None
+    dense_predicted_ms: float | None
+    split: str
+    examples: int
+    metrics: dict[str, dict[str, float]]
+    seconds: float
+    model_dir: str = "compress/model"
+    tolerance_history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        return self.metrics.get("repaired", self.metrics.get("pruned", {}))
+
+
+@dataclass
+class FrontierPoint:
+    """One measured point of the accuracy–latency frontier."""
+
+    label: str  # dense | heads only | heads + neurons | ... (repaired / healed / INT8)
+    budget: float | None  # the budget fraction searched (None for dense, healed, INT8)
+    heads: int
+    neurons: int
+    metrics: dict[str, float]
+    latency_ms: dict[str, float]  # batch size -> median ms (PyTorch, or ONNX Runtime for INT8)
+    speedup: dict[str, float]  # batch size -> dense PyTorch ms / this point's ms (measured side by side)
+    predicted_ms: float | None = None  # the latency model's prediction at the modelled batch size
+    backend: str = "torch"
+
+
+@dataclass
+class FrontierRun(Record):
+    """``compress/frontier.json``: every point measured, none predicted (the prediction is kept
+    beside the measurement of each point, to check the latency model)."""
+
+    FORMAT = "headprune.FrontierRun"
+
+    split: str
+    examples: int
+    metric: str
+    batch_sizes: list[int]
+    threads: int
+    points: list[FrontierPoint]
+
+
+@dataclass
+class HealRun(Record):
+    """``compress/heal.json``: the distillation of the compressed model and its metrics after."""
+
+    FORMAT = "headprune.HealRun"
+
+    result: dict[str, Any]  # prune.heal.HealResult.to_dict()
+    metrics: dict[str, float]
+    model_dir: str = "compress/healed"
+
+
+@dataclass
+class QuantizeRun(Record):
+    """``compress/quantize.json``: the final model's FP32 and INT8 ONNX files and their metrics."""
+
+    FORMAT = "headprune.QuantizeRun"
+
+    result: dict[str, Any]  # prune.quantize.QuantizedExport.to_dict()
+    source: str  # which model was exported: compress/model or compress/healed

@@ -22,6 +22,7 @@ from prune.pipeline.fingerprints import hash_files, hash_model_dir
 from prune.recipe import Recipe
 
 log = get_logger("run")
+TOLERANCE_ROWS = 500
 
 
 @dataclass
@@ -105,6 +106,19 @@ class RunContext:
                 return self.splits[split]  # the whole split, in its own order
         elif purpose == "repair":
             split, n, skip = recipe.repair.split, recipe.repair.examples, 0
+        elif purpose == "compress":
+            split, n, skip = recipe.compress.split, recipe.compress.examples, 0
+        elif purpose == "calibration":  # the compress repair's rows, then the rows that guard it
+            split, n, skip = "train", recipe.compress.calibration_examples, 0
+        elif purpose == "guard":
+            split, n = "train", recipe.compress.held_out_examples
+            skip = min(recipe.compress.calibration_examples, len(self.splits[split]))
+        elif purpose == "heal":
+            split, n, skip = "train", recipe.heal.train_examples, 0
+        elif purpose == "heal-held-out":
+            split, n, skip = "validation", recipe.heal.held_out_examples, 0
+        elif purpose == "tolerance":  # the compress target max_drop is judged here, never on test rows
+            split, n, skip = "validation", TOLERANCE_ROWS, 0
         else:
             raise ValueError(purpose)
         order = self._perm(split)[skip:]
@@ -158,8 +172,11 @@ class RunContext:
             )
         return model, tokenizer
 
-    def evaluate(self, model: Any, dataset: Any, metrics: list[str], batch_size: int) -> dict[str, float]:
-        """Data-parallel evaluation (every process must call it)."""
+    def evaluate(
+        self, model: Any, dataset: Any, metrics: list[str], batch_size: int, *, sharded: bool = True
+    ) -> dict[str, float]:
+        """Data-parallel evaluation (every process must call it; ``sharded=False`` in a stage that
+        runs on the main process alone)."""
         from prune.evaluate import evaluate
 
         _, tokenizer = self.dense
@@ -171,6 +188,7 @@ class RunContext:
             batch_size=batch_size,
             max_length=self.spec.max_length,
             progress=self.progress,
+            sharded=sharded,
         )
         return {k: float(v) for k, v in result.metrics.items()}
 

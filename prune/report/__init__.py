@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from attribution.core.io import atomic_write_text
+from prune.report.compression import compression_blocks
 from prune.report.figures import plot_curves, plot_heatmaps
 from prune.report.render import Block, render_html, render_markdown
 from prune.report.run_files import RunFiles
@@ -235,6 +236,11 @@ def build_blocks(
             ("table", *curve_table(sweep, max_drop)),
         ]
     blocks += _repair_blocks(run)
+    compression, compression_summary = compression_blocks(run, figures)
+    if compression and not scores and not prune:
+        blocks[1] = ("p", f"Compression of {model}: heads and feed-forward neurons to a budget (below).")
+    blocks += compression
+    summary.update(compression_summary)
     if run.analysis:
         if not scores and not prune:
             blocks[1] = ("p", f"Interpretation of {model} (no head scoring or pruning requested).")

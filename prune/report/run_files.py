@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from attribution.scores import HeadScores
-from prune.pipeline.artifacts import CostRun, DenseRun, ExportRun, FinetuneRun, PruneRun
+from prune.pipeline.artifacts import (
+    CompressRun,
+    CostRun,
+    DenseRun,
+    ExportRun,
+    FinetuneRun,
+    FrontierRun,
+    HealRun,
+    PruneRun,
+    QuantizeRun,
+)
 from prune.repair import RepairResult
 from prune.workflow import SweepResult
 
@@ -24,6 +34,10 @@ class RunFiles:
     repair: RepairResult | None = None
     cost: CostRun | None = None
     export: ExportRun | None = None
+    compress: CompressRun | None = None
+    frontier: FrontierRun | None = None
+    heal: HealRun | None = None
+    quantize: QuantizeRun | None = None
     scores: dict[str, HeadScores] = field(default_factory=dict)
     analysis: list[str] = field(default_factory=list)
 
@@ -46,6 +60,10 @@ class RunFiles:
             repair=read("repair.json", RepairResult),
             cost=read("cost.json", CostRun),
             export=read("export.json", ExportRun),
+            compress=read("compress/compress.json", CompressRun),
+            frontier=read("compress/frontier.json", FrontierRun),
+            heal=read("compress/heal.json", HealRun),
+            quantize=read("compress/quantize.json", QuantizeRun),
         )
         for path in sorted((out / "scores").glob("*.json")):
             name = str(path.relative_to(out))

@@ -1,0 +1,63 @@
+"""``latency-model``: a latency model fitted from timings of attention blocks with 0..H heads and
+feed-forward blocks with 0..F neurons, at the recipe's batch size and the evaluation rows' mean
+token length (``compress/latency.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prune.pipeline.context import RunContext
+from prune.pipeline.stage import Stage, StageResult
+
+
+def threads(ctx: RunContext) -> int:
+    """The thread count latency is modelled and measured with (``cost.threads``, default 1)."""
+    cost = ctx.recipe.cost
+    return int(cost.threads) if cost is not None and cost.threads else 1
+
+
+class LatencyModelStage(Stage):
+    name = "latency-model"
+    reads = ("finetune",)
+    writes = ("compress/latency.json",)
+    main_only = True
+
+    @classmethod
+    def plan(cls, ctx: RunContext) -> list[Stage]:
+        return [cls()] if ctx.recipe.compress is not None else []
+
+    def inputs(self, ctx: RunContext) -> dict[str, Any]:
+        section = ctx.recipe.compress
+        return {
+            "backend": section.backend,
+            "batch_size": section.latency_batch_size,
+            "threads": threads(ctx),
+            "evaluate": ctx.recipe.section("evaluate"),
+            **ctx.common(),
+        }
+
+    def run(self, ctx: RunContext, fingerprint: str) -> StageResult:
+        from prune.cost import mean_token_length
+        from prune.latency import fit_latency_model
+
+        section = ctx.recipe.compress
+        model, tokenizer = ctx.dense
+        seq_len = round(mean_token_length(ctx.rows("evaluate"), tokenizer, ctx.spec.max_length))
+        fitted = fit_latency_model(
+            model,
+            backend=section.backend,
+            batch_size=section.latency_batch_size,
+            seq_len=seq_len,
+            threads=threads(ctx),
+            progress=ctx.progress,
+        )
+        fitted.save(ctx.out / "compress" / "latency.json")
+        heads, neurons = fitted.shape.heads, fitted.shape.ffn
+        layers = fitted.shape.layers
+        dense_ms = fitted.predict([heads] * layers, [neurons] * layers)
+        ctx.log(
+            f"[latency-model] {section.backend}, batch {section.latency_batch_size}, T={seq_len}: "
+            f"dense {dense_ms:.1f} ms predicted; attention {fitted.attention_ms(heads):.2f} ms, "
+            f"feed-forward {fitted.ffn_ms(neurons):.2f} ms a layer"
+        )
+        return StageResult({"seq_len": seq_len, "dense_ms": dense_ms}, list(self.writes))

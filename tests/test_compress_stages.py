@@ -1,0 +1,103 @@
+"""The compression stages on a tiny recipe: unit scores, the latency model, the compressed model to
+a budget (heads and neurons, refit), the frontier, the heal, the report — and a rerun skips them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prune.checkpoints import load_model
+from prune.latency import LatencyModel, flops, model_shape
+from prune.pipeline import run_recipe
+from prune.pipeline.artifacts import CompressRun, FrontierRun, HealRun
+from prune.recipe import RecipeError, load_recipe
+from tests.tiny_recipe import tiny_recipe
+
+COMPRESS = {
+    "score": "score: null\n",
+    "sweep": "sweep: null\n",
+    "prune": "prune: null\n",
+    "repair": "",
+    "export": "export: null\n",
+    "compress": (
+        "compress:\n  criterion: fisher\n  split: train\n  examples: 16\n  batch_size: 4\n"
+        "  target: {flops: 0.6}\n  latency_batch_size: 4\n  frontier: [0.7]\n"
+        "  calibration_examples: 16\n  held_out_examples: 8\n"
+    ),
+    "heal": "heal:\n  budget: 1m\n  max_steps: 4\n  train_examples: 16\n  held_out_examples: 8\n  batch_size: 4\n",
+}
+STAGES = ["dense", "compress-score", "latency-model", "compress", "frontier", "heal", "report"]
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compress")
+    recipe = tiny_recipe(tmp, **COMPRESS)
+    out = tmp / "out"
+    result = run_recipe(load_recipe(recipe), out, progress=False)
+    return recipe, out, result
+
+
+def test_every_compression_stage_runs_and_writes_its_files(compressed):
+    _, out, result = compressed
+    assert result.ran == STAGES
+    for name in ("head-scores.json", "neuron-scores.json", "latency.json", "compress.json", "frontier.json",
+                 "heal.json", "model/config.json", "healed/config.json"):
+        assert (out / "compress" / name).is_file(), name
+    assert not (out / "compress" / "heal").exists()  # the heal's resume state is removed once done
+    assert "Compression" in (out / "report.md").read_text()
+
+
+def test_the_compressed_model_fits_its_budget_and_reloads(compressed):
+    _, out, _ = compressed
+    run = CompressRun.load(out / "compress" / "compress.json")
+    model, _ = load_model(str(out / "compress" / "model"), tokenizer=False)
+    from attribution import instrument
+
+    heads, neurons = instrument.heads_per_layer(model), instrument.neurons_per_layer(model)
+    assert heads == run.heads_per_layer and neurons == run.neurons_per_layer
+    shape, seq_len = model_shape(model), LatencyModel.load(out / "compress" / "latency.json").seq_len
+    dense = flops(shape, [shape.heads] * shape.layers, [shape.ffn] * shape.layers, seq_len)
+    assert flops(shape, heads, neurons, seq_len) <= 0.6 * dense  # at the token length the search used
+    assert 0 < run.flops_fraction <= 0.6 + 1e-9
+    assert run.neurons_removed > 0 and set(run.metrics) >= {"dense", "pruned", "repaired"}
+
+
+def test_frontier_points_are_measured_side_by_side(compressed):
+    _, out, _ = compressed
+    frontier = FrontierRun.load(out / "compress" / "frontier.json")
+    labels = [p.label for p in frontier.points]
+    assert labels[0] == "dense" and any(label.startswith("heads + neurons at 70%") for label in labels)
+    for point in frontier.points:
+        assert set(point.latency_ms) == {"1", "4"} and all(v > 0 for v in point.latency_ms.values())
+        assert point.predicted_ms is not None and point.predicted_ms > 0
+
+
+def test_heal_is_never_worse_than_where_it_started(compressed):
+    _, out, _ = compressed
+    heal = HealRun.load(out / "compress" / "heal.json")
+    assert heal.result["best_accuracy"] >= heal.result["start_accuracy"]
+    healed, _ = load_model(str(out / "compress" / "healed"), tokenizer=False)
+    assert all(torch.isfinite(p).all() for p in healed.parameters())
+
+
+def test_rerun_skips_every_compression_stage(compressed):
+    recipe, out, _ = compressed
+    result = run_recipe(load_recipe(recipe), out, progress=False)
+    assert result.ran == [] and result.skipped == STAGES
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"compress": "compress:\n  target: {flops: 1.5}\n"}, "compress.target.flops"),
+        ({"compress": "compress:\n  target: {flops: 0.5, latency: 0.5}\n"}, "exactly one of latency, flops, max_drop"),
+        ({"heal": "heal:\n  budget: soon\n"}, "heal.budget"),
+        ({"compress": "", "heal": "heal: {budget: 10m}\n"}, "heal needs the compress section"),
+    ],
+)
+def test_bad_compression_recipes_are_one_line(tmp_path, sections, message):
+    recipe = tiny_recipe(tmp_path, **{**COMPRESS, **sections})
+    with pytest.raises(RecipeError, match=message) as error:
+        load_recipe(recipe)
+    assert "\n" not in str(error.value)
