@@ -186,7 +186,8 @@ RECIPES = Path(__file__).parent.parent / "recipes"
 
 
 def test_every_shipped_recipe_is_checked():
-    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted([*PRUNING_RECIPES, "analysis-tweets"])
+    shipped = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    assert shipped == sorted([*PRUNING_RECIPES, "analysis-tweets", "tweets-minilm-compress"])
 
 
 PRUNING_RECIPES = ["tweets-minilm", "tweets-minilm-multiprocess", "bert-base-mnli", "bert-base-sst2"]
@@ -208,3 +209,10 @@ def test_shipped_analysis_recipe_is_valid(capsys):
     assert main(["validate", str(RECIPES / "analysis-tweets.yaml")]) == 0
     out = capsys.readouterr().out
     assert "attribution tree(s)" in out and "triggers from" in out
+
+
+def test_shipped_compress_recipe_is_valid():
+    recipe = load_recipe(RECIPES / "tweets-minilm-compress.yaml")
+    assert recipe.score is None and recipe.prune is None and recipe.export is None
+    assert recipe.compress is not None and recipe.compress.target.latency == 0.6
+    assert recipe.heal is not None and recipe.heal.budget == "10m"
