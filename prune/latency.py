@@ -26,19 +26,24 @@ Decisions the paper leaves open, taken here:
 - **The allocator**: with glibc, PyTorch's multi-megabyte activations come from the heap or from
   fresh page-faulted ``mmap`` memory depending on malloc's adaptive threshold, i.e. on what ran
   before; interleaving many block widths moves it. Call ``latency_blocks.pin_malloc_thresholds()``
-  once before timing (the benchmark does): unpinned, the dense model timed ~11% slower than its
-  blocks while pruned models did not, and PyTorch predictions were up to 24% too slow; pinned,
-  within 6%. The fit does not change process-wide allocator settings by itself.
+  once before timing (the benchmark does): unpinned, the dense model timed ~10% slower than the
+  sum of its blocks while pruned models did not (overhead 39-47 ms at batch 32 instead of 7-9),
+  and PyTorch predictions came out up to 24% too slow; pinned, within 5.5%. The fit does not change
+  process-wide allocator settings by itself.
 - **The clock**: wall time by default (what a user waits). ``clock="cpu"`` times the calling
   thread's CPU time instead: on an oversubscribed shared machine (more runnable processes than
   cores) wall time mostly measures the scheduler, CPU time still measures the work; on an idle
-  machine the two agree at one thread. Only for ``threads=1``.
+  machine the two agree at one thread. Only for ``threads=1``. Measured at ~5 runnable processes
+  on 2 cores: wall-clock medians of millisecond blocks were 2-3x their CPU time and batch-1
+  predictions off by up to 2x, while batch 32 stayed within 6%.
 - **The overhead** (embeddings, mask construction, pooler, classifier, the per-layer Python and
   graph glue the standalone blocks lack) is *measured as the dense model's latency minus the sum of
   its blocks at full width*, all timed interleaved in one run. So ``predict`` at full width equals
   the measured dense latency by construction, and any constant per-layer difference between a
   standalone block and the same block inside the model lands in the overhead instead of in the
-  per-unit slopes. It can come out negative on a noisy machine; that is logged, not hidden.
+  per-unit slopes. It can come out negative (logged, not hidden): for ONNX Runtime it is, a little,
+  because every standalone block pays a session call and an input copy that a block inside the
+  graph does not.
 - **Monotone fit**: medians of a noisy machine need not increase with width; the curves used for
   prediction are their isotonic (pool-adjacent-violators) fit, so removing a unit never predicts a
   slower model. The raw medians are kept in the record beside the fit.

@@ -246,10 +246,10 @@ def pin_malloc_thresholds(mmap_threshold: int = 32 * 2**20) -> bool:
     it to the system, so whether a forward pass gets its multi-megabyte activations from the heap or
     from fresh, page-faulted ``mmap`` memory depends on what ran before it. Interleaving many block
     widths (as a latency fit does) moves it all the time: on MiniLM-L6 at batch 32 this made the
-    dense model ~40 ms (~11%) slower than the sum of its blocks while pruned models were not, and
-    the fit's predictions 20% too slow; pinned, the overhead was 6.5 ms and the errors within 9%
-    (``scripts/bench_latency_model.py``). A long-running server repeating one model settles in the
-    pinned regime anyway. ONNX Runtime has its own arena and is not affected."""
+    dense model ~40 ms (~10%) slower than the sum of its blocks while pruned models were not, and
+    the fit's predictions up to 24% too slow; pinned, the overhead was 7-9 ms and the errors within
+    5.5% (``scripts/bench_latency_model.py``, CPU clock). A long-running server repeating one model
+    settles in the pinned regime anyway. ONNX Runtime has its own arena and is not affected."""
     import ctypes
 
     try:

@@ -10,7 +10,12 @@ The fit uses only the blocks and the dense model; the pruned models are then pre
 compared with their own medians from the same run, so machine drift between a fit and a later
 measurement does not pose as model error. Target: |error| <= 10%. Not a timed test: run by hand.
 
-    python scripts/bench_latency_model.py --threads 1 --out results/latency
+glibc's malloc thresholds are pinned first (``prune.latency_blocks.pin_malloc_thresholds``;
+``--no-pin-malloc`` shows what happens without). On a shared, oversubscribed machine use
+``--clock cpu`` (the thread's CPU time; 1 thread): wall-clock medians of millisecond blocks there
+measure the scheduler, not the model.
+
+    python scripts/bench_latency_model.py --threads 1 --clock cpu --out results/latency
 """
 
 from __future__ import annotations
