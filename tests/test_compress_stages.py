@@ -9,7 +9,7 @@ import torch
 from prune.checkpoints import load_model
 from prune.latency import LatencyModel, flops, model_shape
 from prune.pipeline import run_recipe
-from prune.pipeline.artifacts import CompressRun, FrontierRun, HealRun
+from prune.pipeline.artifacts import CompressRun, FrontierRun, HealRun, QuantizeRun
 from prune.recipe import RecipeError, load_recipe
 from tests.tiny_recipe import tiny_recipe
 
@@ -25,8 +25,9 @@ COMPRESS = {
         "  calibration_examples: 16\n  held_out_examples: 8\n"
     ),
     "heal": "heal:\n  budget: 1m\n  max_steps: 4\n  train_examples: 16\n  held_out_examples: 8\n  batch_size: 4\n",
+    "quantize": "quantize: {}\n",
 }
-STAGES = ["dense", "compress-score", "latency-model", "compress", "frontier", "heal", "report"]
+STAGES = ["dense", "compress-score", "latency-model", "compress", "frontier", "heal", "quantize", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_every_compression_stage_runs_and_writes_its_files(compressed):
     _, out, result = compressed
     assert result.ran == STAGES
     for name in ("head-scores.json", "neuron-scores.json", "latency.json", "compress.json", "frontier.json",
-                 "heal.json", "model/config.json", "healed/config.json"):
+                 "heal.json", "model/config.json", "healed/config.json", "quantize.json", "onnx/model-int8.onnx"):
         assert (out / "compress" / name).is_file(), name
     assert not (out / "compress" / "heal").exists()  # the heal's resume state is removed once done
     assert "Compression" in (out / "report.md").read_text()
@@ -81,6 +82,15 @@ def test_heal_is_never_worse_than_where_it_started(compressed):
     assert all(torch.isfinite(p).all() for p in healed.parameters())
 
 
+def test_int8_is_checked_against_its_fp32_parent_and_timed_beside_dense_pytorch(compressed):
+    _, out, _ = compressed
+    run = QuantizeRun.load(out / "compress" / "quantize.json")
+    assert run.source == "compress/healed" and set(run.speedup_vs_torch) == {"1", "4"}
+    assert 0 <= run.result["agreement"] <= 1 and run.result["int8_metrics"]
+    report = (out / "report.md").read_text()
+    assert "final model, INT8 ONNX" in report and "final model, healed" in report
+
+
 def test_rerun_skips_every_compression_stage(compressed):
     recipe, out, _ = compressed
     result = run_recipe(load_recipe(recipe), out, progress=False)
@@ -94,6 +104,7 @@ def test_rerun_skips_every_compression_stage(compressed):
         ({"compress": "compress:\n  target: {flops: 0.5, latency: 0.5}\n"}, "exactly one of latency, flops, max_drop"),
         ({"heal": "heal:\n  budget: soon\n"}, "heal.budget"),
         ({"compress": "", "heal": "heal: {budget: 10m}\n"}, "heal needs the compress section"),
+        ({"compress": "", "heal": "", "quantize": "quantize: {}\n"}, "quantize needs the compress section"),
     ],
 )
 def test_bad_compression_recipes_are_one_line(tmp_path, sections, message):

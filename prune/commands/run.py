@@ -35,6 +35,11 @@ def run(args: argparse.Namespace) -> int:
     from prune.report import final_table_text
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.compress is not None:
+        from prune.latency_blocks import pin_malloc_thresholds
+
+        # this process is ours: a fixed malloc regime makes PyTorch timings match the latency model
+        pin_malloc_thresholds()
     out = Path(args.out or recipe.output or Path("runs") / Path(args.recipe).stem)
     command = shlex.join(["headprune", "run", args.recipe, "--out", str(out)] + [f"--set={o}" for o in args.overrides])
     result = run_recipe(recipe, out, progress=not args.quiet, force=args.force, command=command)

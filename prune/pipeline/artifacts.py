@@ -224,3 +224,5 @@ class QuantizeRun(Record):
 
     result: dict[str, Any]  # prune.quantize.QuantizedExport.to_dict()
     source: str  # which model was exported: compress/model or compress/healed
+    dense_torch_ms: dict[str, float] = field(default_factory=dict)  # dense FP32 PyTorch, same batches
+    speedup_vs_torch: dict[str, float] = field(default_factory=dict)  # dense PyTorch ms / INT8 ONNX ms

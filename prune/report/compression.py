@@ -58,9 +58,9 @@ def frontier_points(run: RunFiles) -> tuple[list[Point], str, str]:
         result = run.quantize.result
         int8 = (result.get("int8_metrics") or {}).get(metric)
         if int8 is not None:
-            speed = (result.get("speedup_vs_torch") or {}).get(batch)
-            points.append(Point("final model, INT8 ONNX", int8, speed, result.get("int8_latency_ms") or {},
-                                kind="int8"))
+            speed = run.quantize.speedup_vs_torch.get(batch)
+            latency = {str(k): float(v) for k, v in (result.get("int8_latency_ms") or {}).items()}
+            points.append(Point("final model, INT8 ONNX", int8, speed, latency, kind="int8"))
     return points, metric, batch
 
 
@@ -140,7 +140,8 @@ def compression_blocks(run: RunFiles, figures: Path) -> tuple[list[Block], dict[
         for p in points:
             measured = p.latency_ms.get(batch)
             error = (p.predicted_ms / measured - 1) if p.predicted_ms and measured else None
-            speedups = [_fmt(run_speedup(points, p, b), "{:.2f}×") for b in sizes]
+            int8 = run.quantize.speedup_vs_torch if run.quantize is not None else None
+            speedups = [_fmt(run_speedup(points, p, b, int8), "{:.2f}×") for b in sizes]
             rows.append([p.label, _fmt(p.heads, "{}"), _fmt(p.neurons, "{}"), f"{p.metric:.4f}"]
                         + [_fmt(p.latency_ms.get(b), "{:.1f}") for b in sizes] + speedups
                         + [_fmt(p.predicted_ms, "{:.1f}"), _fmt(error, "{:+.1%}")])
@@ -156,10 +157,11 @@ def compression_blocks(run: RunFiles, figures: Path) -> tuple[list[Block], dict[
     return blocks, summary
 
 
-def run_speedup(points: list[Point], point: Point, batch: str) -> float | None:
-    """``point``'s speed-up at ``batch`` against the dense point measured in the same run."""
+def run_speedup(points: list[Point], point: Point, batch: str, int8: dict[str, float] | None = None) -> float | None:
+    """``point``'s speed-up at ``batch`` against the dense point measured in the same run (the INT8
+    point against dense PyTorch timed in the quantize stage: ``int8``)."""
     if point.kind == "int8":
-        return point.speedup if batch == max(point.latency_ms, key=int, default=batch) else None
+        return (int8 or {}).get(batch)
     dense = next((p for p in points if p.kind == "dense"), None)
     mine = point.latency_ms.get(batch)
     base = dense.latency_ms.get(batch) if dense else None

@@ -15,6 +15,7 @@ from prune.pipeline.stages.frontier import FrontierStage
 from prune.pipeline.stages.heal import HealStage
 from prune.pipeline.stages.latency_model import LatencyModelStage
 from prune.pipeline.stages.prune import PruneStage
+from prune.pipeline.stages.quantize import QuantizeStage
 from prune.pipeline.stages.report import ReportStage
 from prune.pipeline.stages.score import ScoreStage
 from prune.pipeline.stages.sweep import SweepStage
@@ -32,6 +33,7 @@ STAGES: list[type[Stage]] = [
     CompressStage,
     FrontierStage,
     HealStage,
+    QuantizeStage,
     TreeStage,
     TriggersStage,
     ReportStage,
