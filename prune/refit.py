@@ -76,29 +76,10 @@ log = get_logger("refit")
 
 SUBLAYERS: tuple[str, ...] = ("attention", "ffn")
 
-# TODO(neurons): once the feed-forward neuron unit has landed (it adds ``Family.ffn_output`` and
-# ``instrument.ffn_output_projection``), call that and delete this fallback lookup of W_2.
-_FFN_OUTPUT_FALLBACK: dict[str, str] = {"distilbert": "ffn.lin2"}
-_FFN_OUTPUT_DEFAULT = "output.dense"  # BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT
-
-
-def _ffn_output_projection(model: PreTrainedModel, layer: int) -> nn.Linear:
-    """The ``nn.Linear`` mapping layer ``layer``'s intermediate activations ``[..., F_l]`` to the
-    hidden size (``W_2``); its input columns are the surviving neurons."""
-    family = instrument.model_family(model)
-    path = getattr(family, "ffn_output", None)  # the family table's path, when it has one
-    if not isinstance(path, str):
-        path = _FFN_OUTPUT_FALLBACK.get(model.config.model_type, _FFN_OUTPUT_DEFAULT)
-    module = instrument.submodule(instrument.encoder_layers(model)[layer], path)
-    if not isinstance(module, nn.Linear):
-        raise HeadpruneError(f"layer {layer}'s feed-forward output {path!r} is not a linear layer")
-    return module
-
-
 def _projection(model: PreTrainedModel, layer: int, kind: str) -> nn.Linear:
     if kind == "attention":
         return instrument.output_projection(model, layer)
-    return _ffn_output_projection(model, layer)
+    return instrument.ffn_output_projection(model, layer)
 
 
 @dataclass
@@ -346,9 +327,7 @@ def _check(model: PreTrainedModel, dense: PreTrainedModel, ridge: float, sublaye
         raise HeadpruneError(f"sublayers must be a non-empty subset of {list(SUBLAYERS)}, got {list(sublayers)}")
     if any(mask is not None for mask in instrument.get_head_mask(model)):
         raise HeadpruneError("refit changes weights: bake the head mask into the model first (prune.surgery.bake_mask)")
-    # TODO(neurons): call instrument.get_neuron_mask directly once the neuron unit has landed
-    neuron_mask = getattr(instrument, "get_neuron_mask", None)
-    if neuron_mask is not None and any(mask is not None for mask in neuron_mask(model)):
+    if any(mask is not None for mask in instrument.get_neuron_mask(model)):
         raise HeadpruneError("refit changes weights: remove the masked neurons from the model first")
     for layer in range(len(instrument.encoder_layers(model))):
         for kind in sublayers:

@@ -14,41 +14,31 @@ from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.criteria.base import Criterion, CriterionOption, register_criterion
-from attribution.criteria.gradient import gate_gradients
+from attribution.criteria.gradient import FisherCriterion, TaylorCriterion, gate_gradients
 from attribution.criteria.units import NEURON
 
 
 @register_criterion
-class NeuronTaylorCriterion(Criterion):
+class NeuronTaylorCriterion(TaylorCriterion):
     """``E_x |dL/dxi_j|`` at neuron gates fixed at 1 (the head Taylor criterion of Michel et al.
     applied to neurons), L the cross-entropy (gold labels when the batch has them, else
     predictions); each layer normalised to unit L2 norm by default, as for heads. Per-layer
     normalisation makes layers comparable but not neurons with heads: rank heads and neurons
     together with ``normalize=False``, ``fisher`` or ``gate_ig``."""
 
-    name = "taylor"
     unit = "neuron"
-    OPTIONS = (CriterionOption("normalize", True, bool, "normalise each layer's scores to unit L2 norm"),)
 
     def per_example(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return gate_gradients(model, batch, "neuron").abs()
 
-    def finalize(self, values: torch.Tensor) -> torch.Tensor:
-        if not self.settings["normalize"]:
-            return values
-        norms = values.norm(dim=1, keepdim=True)
-        return values / torch.where(norms > 0, norms, torch.ones_like(norms))
-
 
 @register_criterion
-class NeuronFisherCriterion(Criterion):
+class NeuronFisherCriterion(FisherCriterion):
     """Kwon et al. (NeurIPS 2022): ``sum_x (dL/dxi_j)^2``, the diagonal of the empirical Fisher of
     the neuron mask (summed, not averaged, as for heads: their mask search compares heads and
     neurons in this one currency)."""
 
-    name = "fisher"
     unit = "neuron"
-    reduction = "sum"
 
     def per_example(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return gate_gradients(model, batch, "neuron").square()
