@@ -8,6 +8,7 @@ A stage declares
 - ``writes``: the files it writes, relative to the run directory (the report reads only files of
   stages that belong to the run);
 - ``main_only``: run on the main process alone while the others wait (cost, export, report);
+- ``section``: the recipe section that switches it on (the default :meth:`Stage.plan`);
 
 and implements :meth:`plan` (whether and how often the recipe asks for it), :meth:`inputs` (the
 JSON that is fingerprinted: the recipe sections it uses, the model, the data, upstream
@@ -41,6 +42,7 @@ class Stage:
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
     main_only: ClassVar[bool] = False
+    section: ClassVar[str | None] = None  # the recipe section that switches the stage on (None: always)
 
     @property
     def marker_name(self) -> str:
@@ -48,8 +50,9 @@ class Stage:
 
     @classmethod
     def plan(cls, ctx: RunContext) -> list[Stage]:
-        """The instances of this stage the recipe asks for (none, one, or one per criterion)."""
-        return [cls()]
+        """The instances of this stage the recipe asks for (none, one, or one per criterion); by
+        default one, when its ``section`` of the recipe is on."""
+        return [cls()] if cls.section is None or getattr(ctx.recipe, cls.section) is not None else []
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         raise NotImplementedError

@@ -48,12 +48,9 @@ def repair_rows(ctx: RunContext) -> tuple[list[dict], list[dict]]:
 
 class CompressStage(Stage):
     name = "compress"
+    section = "compress"
     reads = ("compress-score", "latency-model", "dense")
     writes = ("compress/compress.json", "compress/model/config.json")
-
-    @classmethod
-    def plan(cls, ctx: RunContext) -> list[Stage]:
-        return [cls()] if ctx.recipe.compress is not None else []
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         return compress_inputs(ctx)

@@ -11,13 +11,10 @@ from prune.pipeline.stage import Stage, StageResult
 
 class CompressScoreStage(Stage):
     name = "compress-score"
+    section = "compress"
     reads = ("finetune",)
     writes = ("compress/head-scores.json", "compress/neuron-scores.json")
     main_only = True
-
-    @classmethod
-    def plan(cls, ctx: RunContext) -> list[Stage]:
-        return [cls()] if ctx.recipe.compress is not None else []
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         section = ctx.recipe.compress

@@ -15,13 +15,10 @@ from prune.pipeline.stages.dense import metrics_text
 
 class HealStage(Stage):
     name = "heal"
+    section = "heal"
     reads = ("compress",)
     writes = ("compress/heal.json", "compress/healed/config.json")
     main_only = True
-
-    @classmethod
-    def plan(cls, ctx: RunContext) -> list[Stage]:
-        return [cls()] if ctx.recipe.heal is not None else []
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         return {

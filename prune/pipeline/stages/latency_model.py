@@ -18,13 +18,10 @@ def threads(ctx: RunContext) -> int:
 
 class LatencyModelStage(Stage):
     name = "latency-model"
+    section = "compress"
     reads = ("finetune",)
     writes = ("compress/latency.json",)
     main_only = True
-
-    @classmethod
-    def plan(cls, ctx: RunContext) -> list[Stage]:
-        return [cls()] if ctx.recipe.compress is not None else []
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         section = ctx.recipe.compress

@@ -13,12 +13,9 @@ from prune.workflow import SweepResult, Target, decide, head_counts, prune_and_r
 
 class PruneStage(Stage):
     name = "prune"
+    section = "prune"
     reads = ("score", "sweep", "dense")
     writes = ("prune.json", "model/config.json", "repair.json")
-
-    @classmethod
-    def plan(cls, ctx: RunContext) -> list[Stage]:
-        return [cls()] if ctx.recipe.prune is not None else []
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         recipe = ctx.recipe

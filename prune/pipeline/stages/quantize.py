@@ -16,13 +16,10 @@ from prune.pipeline.stages.latency_model import threads
 
 class QuantizeStage(Stage):
     name = "quantize"
+    section = "quantize"
     reads = ("compress", "heal")
     writes = ("compress/quantize.json", "compress/onnx/model.onnx", "compress/onnx/model-int8.onnx")
     main_only = True
-
-    @classmethod
-    def plan(cls, ctx: RunContext) -> list[Stage]:
-        return [cls()] if ctx.recipe.quantize is not None else []
 
     def source(self, ctx: RunContext) -> str:
         return "compress/healed" if ctx.recipe.heal is not None else "compress/model"

@@ -34,12 +34,9 @@ def _point(path: Any, fingerprint: str) -> SweepPointRecord | None:
 
 class SweepStage(Stage):
     name = "sweep"
+    section = "sweep"
     reads = ("score",)
     writes = ("sweep.json",)
-
-    @classmethod
-    def plan(cls, ctx: RunContext) -> list[Stage]:
-        return [cls()] if ctx.recipe.sweep is not None else []
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         recipe = ctx.recipe
