@@ -216,3 +216,4 @@ def test_shipped_compress_recipe_is_valid():
     assert recipe.score is None and recipe.prune is None and recipe.export is None
     assert recipe.compress is not None and recipe.compress.target.latency == 0.6
     assert recipe.heal is not None and recipe.heal.budget == "10m"
+    assert recipe.quantize is not None and recipe.quantize.per_channel
