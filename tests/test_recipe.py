@@ -217,3 +217,9 @@ def test_shipped_compress_recipe_is_valid():
     assert recipe.compress is not None and recipe.compress.target.latency == 0.6
     assert recipe.heal is not None and recipe.heal.budget == "10m"
     assert recipe.quantize is not None and recipe.quantize.per_channel
+
+
+def test_validate_names_the_compression_stages(capsys):
+    assert main(["validate", str(RECIPES / "tweets-minilm-compress.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "compress  heads + neurons by fisher" in out and "heal      distillation" in out and "quantize" in out

@@ -93,5 +93,17 @@ def plan(recipe) -> list[str]:  # noqa: ANN001 - a Recipe
             f"analysis  triggers from {trig.examples} {trig.split} rows, "
             f"{trig.n_steps} {trig.integration} steps{attack} -> analysis/triggers.json"
         )
+    compress = recipe.compress
+    if compress is not None:
+        target = compress.target
+        goal = (f"{target.latency:g} of the dense {compress.backend} latency (batch {compress.latency_batch_size})"
+                if target.latency is not None else f"{target.flops:g} of the multiply-adds" if target.flops is not None
+                else f"the most compression within {target.max_drop:g} of dense")
+        lines.append(f"compress  heads + neurons by {compress.criterion} on {compress.examples} {compress.split} rows "
+                     f"to {goal}; repair: {compress.repair}; frontier at {', '.join(map(str, compress.frontier))}")
+    if recipe.heal is not None:
+        lines.append(f"heal      distillation from the dense model, budget {recipe.heal.budget}")
+    if recipe.quantize is not None:
+        lines.append("quantize  ONNX, then dynamic INT8 (ONNX Runtime), evaluated and timed")
     lines.append("report    report.md + report.html")
     return lines

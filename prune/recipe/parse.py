@@ -293,8 +293,8 @@ def _compress_checks(recipe: Recipe, v: _Validator) -> None:
 
         try:
             parse_duration(recipe.heal.budget)
-        except HeadpruneError as error:
-            v.fail(("heal", "budget"), str(error), "a duration like 10m, 90s or 1h")
+        except HeadpruneError:
+            v.fail(("heal", "budget"), f"got {recipe.heal.budget!r}", "a duration like 10m, 90s or 1h")
 
 
 def _cross_checks(recipe: Recipe, v: _Validator) -> None:
