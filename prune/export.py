@@ -151,7 +151,9 @@ def export_onnx(
     return path
 
 
-def _session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+def onnx_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with ``threads`` intra-op threads (default: torch's current
+    number, so timings compare with PyTorch's) and one inter-op thread."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -185,7 +187,7 @@ def check_onnx(
     Default batches: sizes and lengths unlike the traced sample, padded and unpadded. Raises
     ``HeadpruneError`` when the difference exceeds ``atol``.
     """
-    session = _session(path)
+    session = onnx_session(path)
     if batches is None:
         batches = [
             example_batch(model, batch_size=3, length=9, seed=1, padded=True),
@@ -217,7 +219,7 @@ def onnx_latency(
 ) -> float:
     """Median milliseconds of one onnxruntime forward pass on ``batch`` (``threads``: intra-op
     threads, default torch's current number, so it compares with PyTorch's latency)."""
-    session = _session(path, threads)
+    session = onnx_session(path, threads)
     times = []
     for i in range(warmup + repeats):
         start = time.perf_counter()

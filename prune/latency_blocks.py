@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import os
 import random
 import statistics
 import time
@@ -32,6 +31,7 @@ from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
+from prune.export import onnx_session
 
 CLOCKS = ("wall", "cpu")
 
@@ -259,19 +259,6 @@ def pin_malloc_thresholds(mmap_threshold: int = 32 * 2**20) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, int(mmap_threshold)) and mallopt(m_trim_threshold, 2**30))
-
-
-def onnx_session(path: str | os.PathLike[str], threads: int) -> Any:
-    """An onnxruntime CPU session with ``threads`` intra-op threads (one inter-op thread)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise HeadpruneError("the onnx backend needs onnxruntime: pip install 'headprune[onnx]'") from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager

@@ -55,7 +55,7 @@ from attribution.core.errors import HeadpruneError
 from attribution.core.io import Record, atomic_output
 from attribution.core.log import get_logger
 from prune.evaluate import DEFAULT_METRICS, EvalResult
-from prune.export import _session, onnx_latency, onnx_logits
+from prune.export import onnx_latency, onnx_logits, onnx_session
 from prune.metrics import compute_metrics
 
 log = get_logger("quantize")
@@ -98,7 +98,7 @@ def open_session(path: str | os.PathLike[str], threads: int | None = None) -> An
     one-line errors for a missing file, a file onnxruntime cannot load and a graph without ``logits``."""
     path = _existing_file(path)
     try:
-        session = _session(path, threads)
+        session = onnx_session(path, threads)
     except HeadpruneError:
         raise
     except Exception as error:

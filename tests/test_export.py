@@ -32,7 +32,7 @@ def test_onnx_matches_pytorch_for_pruned_model_with_an_empty_layer(tmp_path, fam
     model = _pruned(family)
     assert instrument.heads_per_layer(model) == [2, 0, 3]
     path = export.export_onnx(model, tmp_path / "m.onnx")
-    session = export._session(path)
+    session = export.onnx_session(path)
     names = [i.name for i in session.get_inputs()]
     assert names == export.model_input_names(model)
     # dynamic axes: batch sizes and lengths never traced, padded and unpadded
@@ -56,7 +56,7 @@ def test_reloaded_checkpoint_exports_through_the_cli(tmp_path, capsys):
     assert "max |onnx - torch|" in printed and out.is_file()
     batch = padded_batch(batch=4, length=9, seed=7)
     batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
-    got = export.onnx_logits(export._session(out), batch)
+    got = export.onnx_logits(export.onnx_session(out), batch)
     torch.testing.assert_close(got, reloaded(**batch).logits.detach(), atol=1e-5, rtol=0)
     # and the pruned ONNX graph really is smaller than the dense one
     dense_path = export.export_onnx(tiny_model("bert"), tmp_path / "dense.onnx")

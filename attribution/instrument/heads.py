@@ -23,7 +23,7 @@ from attribution.instrument.families import (
 # --------------------------------------------------------------------------------------------
 
 
-def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     """A new Linear keeping ``index`` along ``dim`` (0: output rows, 1: input columns)."""
     weight = linear.weight.detach().index_select(dim, index).clone()
     bias = None
@@ -43,7 +43,8 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear
     return new
 
 
-def _set(obj: object, path: str, value: nn.Module) -> None:
+def set_submodule(obj: object, path: str, value: nn.Module) -> None:
+    """Replace the module at the dotted ``path`` below ``obj``."""
     *parents, name = path.split(".")
     for parent in parents:
         obj = getattr(obj, parent)
@@ -79,8 +80,8 @@ def keep_heads_in_layer(model: PreTrainedModel, layer: int, keep: list[int]) -> 
         device=submodule(attention, family.query).weight.device,
     )
     for name in (family.query, family.key, family.value):
-        _set(attention, name, _slice_linear(submodule(attention, name), index, dim=0))
-    _set(layer_module, family.output, _slice_linear(submodule(layer_module, family.output), index, dim=1))
+        set_submodule(attention, name, slice_linear(submodule(attention, name), index, dim=0))
+    set_submodule(layer_module, family.output, slice_linear(submodule(layer_module, family.output), index, dim=1))
 
     # Keep the bookkeeping attributes truthful (forward itself reshapes with -1 heads).
     for count_attr in ("num_attention_heads", "n_heads"):

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 
 from attribution.core.errors import HeadpruneError
 from attribution.instrument.families import encoder_layers, model_family, submodule
-from attribution.instrument.heads import _set, _slice_linear
+from attribution.instrument.heads import set_submodule, slice_linear
 
 _KEPT_ATTR = "headprune_kept_neurons"
 _MASK_ATTR = "headprune_neuron_mask"
@@ -246,8 +246,9 @@ def keep_neurons_in_layer(model: PreTrainedModel, layer: int, keep: list[int]) -
     layer_module = layers[layer]
     intermediate = submodule(layer_module, family.intermediate)
     index = torch.tensor(positions, dtype=torch.long, device=intermediate.weight.device)
-    _set(layer_module, family.intermediate, _slice_linear(intermediate, index, dim=0))
-    _set(layer_module, family.ffn_output, _slice_linear(submodule(layer_module, family.ffn_output), index, dim=1))
+    set_submodule(layer_module, family.intermediate, slice_linear(intermediate, index, dim=0))
+    output = submodule(layer_module, family.ffn_output)
+    set_submodule(layer_module, family.ffn_output, slice_linear(output, index, dim=1))
     activation = _activations(model)[layer]
     activation.__dict__[_KEPT_ATTR] = keep
     mask = activation.__dict__.get(_MASK_ATTR)
