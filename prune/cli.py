@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("prune.commands.finetune", "fine-tune a sequence classifier (cached)"),
     "attribute": ("prune.commands.attribute", "score attention heads and save HeadScores"),
     "prune": ("prune.commands.prune_heads", "remove heads chosen from a scores file; save the pruned model"),
+    "heal": ("prune.commands.heal", "distil the dense model into a pruned one under a wall-clock budget"),
     "evaluate": ("prune.commands.evaluate", "accuracy and other metrics of a (pruned) model"),
     "export": ("prune.commands.export", "export a (pruned) model, e.g. to ONNX"),
     "tree": ("prune.commands.tree", "attribution tree of one input"),

@@ -441,3 +441,46 @@ def _iterative(
     if not result.heads:
         raise HeadpruneError(f"no head could be removed within tolerance {tolerance} ({result.stopped_because})")
     return result.heads, result
+
+
+def heal_checkpoint(
+    model_name: str,
+    out: str | Path,
+    *,
+    teacher: str = "default",
+    data: str = "tweets",
+    budget: str | float = "10m",
+    max_steps: int | None = None,
+    train_examples: int = 12000,
+    held_out_examples: int = 500,
+    max_length: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> Any:
+    """Heal a pruned checkpoint by distillation from ``teacher`` (``prune.heal.heal``: KL at a
+    temperature plus cross-entropy, the wall-clock ``budget``, early stopping on held-out
+    validation rows, never worse than the start) and save it to ``out``; resumable: the state
+    is kept in ``out/.heal/`` until the heal finishes. Returns the ``HealResult``."""
+    import shutil
+
+    from attribution.core.data import DataSpec, load_splits
+    from prune.checkpoints import load_model, save_pruned
+    from prune.heal import heal, parse_duration
+
+    seconds = parse_duration(budget)  # a bad budget fails before anything is loaded
+    for name, value in (("train_examples", train_examples), ("held_out_examples", held_out_examples)):
+        if value < 1:
+            raise HeadpruneError(f"{name} must be a positive integer, got {value}")
+    student, tokenizer = load_model(model_name, progress=progress)
+    dense, _ = load_model(teacher, tokenizer=False, progress=progress)
+    splits = load_splits(DataSpec(name=data, max_length=max_length))
+    train = splits["train"].select(range(min(train_examples, len(splits["train"]))))
+    held_out = splits["validation"].select(range(min(held_out_examples, len(splits["validation"]))))
+    state = Path(out) / ".heal"
+    result = heal(student, dense, tokenizer, train, held_out, budget_seconds=seconds, max_steps=max_steps,
+                  max_length=max_length, seed=seed, checkpoint_dir=state, progress=progress, **options)
+    save_pruned(student, out, tokenizer)  # replaces the directory (and so the resume state) atomically
+    result.save(Path(out) / "heal_result.json")
+    shutil.rmtree(state, ignore_errors=True)
+    return result

@@ -112,3 +112,28 @@ def test_bad_compression_recipes_are_one_line(tmp_path, sections, message):
     with pytest.raises(RecipeError, match=message) as error:
         load_recipe(recipe)
     assert "\n" not in str(error.value)
+
+
+def test_cli_heal_saves_a_model_never_worse_than_it_started(tmp_path, capsys):
+    from prune.checkpoints import save_pruned
+    from prune.cli import main
+    from prune.heal import HealResult
+    from prune.surgery import remove_heads, remove_neurons
+    from tests.tiny_recipe import tiny_csv, tiny_model_dir
+
+    teacher = tiny_model_dir(tmp_path / "world")
+    data = tiny_csv(tmp_path / "world" / "data.csv")
+    student, tokenizer = load_model(str(teacher))
+    remove_heads(student, {0: [0, 1]})
+    remove_neurons(student, {1: list(range(20))})
+    save_pruned(student, tmp_path / "pruned", tokenizer)
+    out = tmp_path / "healed"
+    args = ["heal", "--model", str(tmp_path / "pruned"), "--teacher", str(teacher), "--data", str(data),
+            "--max-steps", "4", "--train-examples", "32", "--held-out-examples", "8", "--max-length", "16",
+            "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    result = HealResult.load(out / "heal_result.json")
+    assert result.best_accuracy >= result.start_accuracy and result.steps <= 4
+    healed, _ = load_model(str(out))
+    assert healed.config.headprune_kept_heads[0] == [2, 3]  # still the pruned architecture
+    assert not (out / ".heal").exists() and "saved ->" in capsys.readouterr().out
