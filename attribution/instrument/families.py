@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -111,3 +112,25 @@ def kept_heads(model: PreTrainedModel) -> list[list[int]]:
 def heads_per_layer(model: PreTrainedModel) -> list[int]:
     """Per layer, how many heads it has now."""
     return [len(k) for k in kept_heads(model)]
+
+
+def checked_mask(
+    mask: list[torch.Tensor | None] | None, sizes: list[int], unit: str, device: torch.device
+) -> list[torch.Tensor | None]:
+    """Per-layer gates ``[U_l]`` (or None) checked against the layers' current widths ``sizes`` and
+    moved to ``device`` as float32; ``mask=None`` clears every layer. One-line errors name the unit."""
+    if mask is None:
+        return [None] * len(sizes)
+    if len(mask) != len(sizes):
+        raise HeadpruneError(f"{unit} mask has {len(mask)} layers, the model has {len(sizes)}")
+    checked: list[torch.Tensor | None] = []
+    for layer, gate in enumerate(mask):
+        if gate is not None:
+            gate = torch.as_tensor(gate, dtype=torch.float32)
+            if gate.shape != (sizes[layer],):
+                raise HeadpruneError(
+                    f"{unit} mask of layer {layer} has shape {tuple(gate.shape)}, expected ({sizes[layer]},)"
+                )
+            gate = gate.to(device)
+        checked.append(gate)
+    return checked

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from attribution.core.errors import HeadpruneError
-from attribution.instrument.families import encoder_layers, model_family, submodule
+from attribution.instrument.families import checked_mask, encoder_layers, model_family, submodule
 from attribution.instrument.heads import set_submodule, slice_linear
 
 _KEPT_ATTR = "headprune_kept_neurons"
@@ -199,20 +199,8 @@ def set_neuron_mask(model: PreTrainedModel, mask: list[torch.Tensor | None] | No
     A zero gate computes exactly what removing the neuron computes; other values scale it.
     """
     modules = _activations(model)
-    if mask is None:
-        mask = [None] * len(modules)
-    if len(mask) != len(modules):
-        raise HeadpruneError(f"neuron mask has {len(mask)} layers, the model has {len(modules)}")
-    sizes = neurons_per_layer(model)
     device = next(model.parameters()).device
-    for layer, (module, gate) in enumerate(zip(modules, mask, strict=True)):
-        if gate is not None:
-            gate = torch.as_tensor(gate, dtype=torch.float32)
-            if gate.shape != (sizes[layer],):
-                raise HeadpruneError(
-                    f"neuron mask of layer {layer} has shape {tuple(gate.shape)}, expected ({sizes[layer]},)"
-                )
-            gate = gate.to(device)
+    for module, gate in zip(modules, checked_mask(mask, neurons_per_layer(model), "neuron", device), strict=True):
         module.__dict__[_MASK_ATTR] = gate
         _sync_hook(module)
 

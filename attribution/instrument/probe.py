@@ -14,6 +14,7 @@ from attribution.core.errors import HeadpruneError
 from attribution.instrument.families import (
     ATTN_IMPLEMENTATION,
     attention_modules,
+    checked_mask,
     heads_per_layer,
 )
 
@@ -201,19 +202,8 @@ def set_head_mask(model: PreTrainedModel, mask: list[torch.Tensor | None] | None
     returns it to SDPA.
     """
     modules = attention_modules(model)
-    if mask is None:
-        mask = [None] * len(modules)
-    if len(mask) != len(modules):
-        raise HeadpruneError(f"head mask has {len(mask)} layers, the model has {len(modules)}")
-    sizes = heads_per_layer(model)
-    for layer, (module, gate) in enumerate(zip(modules, mask, strict=True)):
-        if gate is not None:
-            gate = torch.as_tensor(gate, dtype=torch.float32)
-            if gate.shape != (sizes[layer],):
-                raise HeadpruneError(
-                    f"head mask of layer {layer} has shape {tuple(gate.shape)}, expected ({sizes[layer]},)"
-                )
-            gate = gate.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    for module, gate in zip(modules, checked_mask(mask, heads_per_layer(model), "head", device), strict=True):
         module.headprune_head_mask = gate
     if _has_persistent_mask(model):
         _use_headprune_attention(model)
