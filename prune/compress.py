@@ -21,7 +21,7 @@ Decisions the papers leave open:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,6 @@ from prune.workflow import Metrics, pruned_copy
 log = get_logger("compress")
 
 REPAIRS = ("refit", "scales", "none")
-TARGETS = ("latency", "flops", "max_drop")
 
 
 def score_units(
@@ -193,10 +192,3 @@ def compress_to_tolerance(
 def counts_text(heads: Sequence[int], neurons: Sequence[int]) -> str:
     """``heads 7 8 3 4 7 7 | neurons 1536 812 ...`` for logs and reports."""
     return f"heads {' '.join(map(str, heads))} | neurons {' '.join(map(str, neurons))}"
-
-
-def removed_counts(result: SearchResult) -> Mapping[str, int]:
-    return {
-        "heads": sum(len(v) for v in result.removed_heads.values()),
-        "neurons": sum(len(v) for v in result.removed_neurons.values()),
-    }
