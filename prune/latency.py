@@ -73,6 +73,7 @@ from transformers import PreTrainedModel
 from attribution.core.errors import HeadpruneError
 from attribution.core.io import Record
 from attribution.core.log import get_logger
+from attribution.core.processes import torch_threads
 from prune.cost import classifier_flops, head_flops, neuron_flops
 from prune.latency_blocks import (
     CLOCKS,
@@ -88,7 +89,6 @@ from prune.latency_blocks import (
     time_interleaved,
     timing_batch,
     torch_runs,
-    torch_threads,
 )
 
 __all__ = ["BACKENDS", "LatencyModel", "ModelShape", "fit_latency_model", "flops", "model_shape"]

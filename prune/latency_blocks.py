@@ -12,14 +12,13 @@ neurons. Both own contiguous copies of their weights, as a pruned model does.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import random
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,17 +258,6 @@ def pin_malloc_thresholds(mmap_threshold: int = 32 * 2**20) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, int(mmap_threshold)) and mallopt(m_trim_threshold, 2**30))
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``count`` inside the block."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _torch_run(call: Callable[[], Any]) -> Callable[[], Any]:

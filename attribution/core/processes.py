@@ -17,8 +17,10 @@ On a single process every function is the identity, so the same code runs anywhe
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -128,3 +130,15 @@ def barrier() -> None:
 def mine(index: int) -> bool:
     """Work item ``index`` belongs to this process (round-robin)."""
     return not is_distributed() or index % num_processes() == process_index()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block, restored after (None: unchanged)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

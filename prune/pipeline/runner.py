@@ -20,15 +20,12 @@ main process combines them, so results do not depend on the number of processes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from attribution import __version__
 from attribution.core import processes
@@ -116,7 +113,8 @@ class Runner:
         outputs: dict[str, Any] = {}
         files: list[str] = []
         if ctx.main or not stage.main_only:
-            with _all_cores(stage.main_only and ctx.world > 1):
+            # while the other processes wait at a barrier, the main process uses every core
+            with processes.torch_threads(os.cpu_count() if stage.main_only and ctx.world > 1 else None):
                 result = stage.run(ctx, fp)
             outputs, files = result.outputs, result.files
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
@@ -180,32 +178,13 @@ class Runner:
         return RunResult(ctx.out, self.outcomes, seconds, summary, ctx.main, files)
 
 
-@contextlib.contextmanager
-def _all_cores(alone: bool) -> Iterator[None]:
-    """While the other processes wait at a barrier, let the main process use every core."""
-    if not alone:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or previous)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def _threads_per_process() -> Iterator[None]:
-    """Under a multi-process launch, share the cores between the processes (unless
-    ``OMP_NUM_THREADS`` says otherwise); restored when the run ends."""
-    previous = torch.get_num_threads()
+def _threads_per_process() -> int | None:
+    """Under a multi-process launch, the cores shared between the processes (unless
+    ``OMP_NUM_THREADS`` says otherwise); None: leave torch's choice."""
     world = processes.num_processes() if processes.is_distributed() else 1
     if world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+        return max(1, (os.cpu_count() or 1) // world)
+    return None
 
 
 def run_recipe(
@@ -228,7 +207,7 @@ def run_recipe(
         on_shard: called as ``on_shard(criterion, shard)`` after each saved shard (tests use it
             to simulate a crash mid-attribution).
     """
-    with _threads_per_process():
+    with processes.torch_threads(_threads_per_process()):
         ctx = RunContext(recipe, Path(out_dir), command=command, on_shard=on_shard)
         ctx.progress = progress and ctx.main
         return Runner(ctx, force=force).run()

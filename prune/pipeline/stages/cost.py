@@ -3,27 +3,14 @@ interleaved on the same batches (``cost.threads`` threads)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from attribution.core.processes import torch_threads
 from prune.pipeline.artifacts import CostRun
 from prune.pipeline.context import RunContext
 from prune.pipeline.stage import Stage, StageResult
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``count`` inside the block (unchanged for None)."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class CostStage(Stage):

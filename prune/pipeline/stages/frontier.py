@@ -29,9 +29,9 @@ class FrontierStage(Stage):
         return {**compress_inputs(ctx), "cost": ctx.recipe.section("cost"), "threads": threads(ctx)}
 
     def run(self, ctx: RunContext, fingerprint: str) -> StageResult:
+        from attribution.core.processes import torch_threads
         from prune.compress import apply, cost_function, plan, widths
         from prune.cost import measure_latency
-        from prune.pipeline.stages.cost import torch_threads
 
         section, evaluation = ctx.recipe.compress, ctx.recipe.evaluate
         dense, _ = ctx.dense

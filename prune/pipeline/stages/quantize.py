@@ -35,10 +35,10 @@ class QuantizeStage(Stage):
         }
 
     def run(self, ctx: RunContext, fingerprint: str) -> StageResult:
+        from attribution.core.processes import torch_threads
         from prune.checkpoints import load_model
         from prune.cost import measure_latency
         from prune.export import export_and_check
-        from prune.pipeline.stages.cost import torch_threads
         from prune.quantize import quantize_and_check
 
         evaluation, section = ctx.recipe.evaluate, ctx.recipe.quantize
