@@ -26,6 +26,11 @@ def compress_inputs(ctx: RunContext) -> dict[str, Any]:
     }
 
 
+def cost_kind(ctx: RunContext) -> str:
+    """What the budgets count: multiply-adds for a flops target, else the latency model's ms."""
+    return "flops" if ctx.recipe.compress.target.flops is not None else "latency"
+
+
 def load_inputs(ctx: RunContext) -> tuple[Any, Any, Any]:
     """``(head scores, neuron scores, latency model)`` written by the upstream stages."""
     from attribution.scores import HeadScores, NeuronScores
@@ -69,7 +74,7 @@ class CompressStage(Stage):
         head_scores, neuron_scores, latency = load_inputs(ctx)
         calibration, guard = repair_rows(ctx)
         target = section.target
-        kind = "latency" if target.latency is not None or target.max_drop is not None else "flops"
+        kind = cost_kind(ctx)
         cost = cost_function(dense, kind, seq_len=latency.seq_len, latency_model=latency)
         history: list[dict[str, Any]] = []
         if target.max_drop is not None:

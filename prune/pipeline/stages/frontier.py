@@ -11,7 +11,7 @@ from attribution.core.errors import HeadpruneError
 from prune.pipeline.artifacts import DenseRun, FrontierPoint, FrontierRun
 from prune.pipeline.context import RunContext
 from prune.pipeline.stage import Stage, StageResult
-from prune.pipeline.stages.compress import compress_inputs, load_inputs, repair_rows
+from prune.pipeline.stages.compress import compress_inputs, cost_kind, load_inputs, repair_rows
 from prune.pipeline.stages.latency_model import threads
 
 
@@ -37,7 +37,7 @@ class FrontierStage(Stage):
         dense, _ = ctx.dense
         head_scores, neuron_scores, latency = load_inputs(ctx)
         calibration, guard = repair_rows(ctx)
-        kind = "flops" if section.target.flops is not None else "latency"
+        kind = cost_kind(ctx)
         cost = cost_function(dense, kind, seq_len=latency.seq_len, latency_model=latency)
         data = ctx.rows("evaluate")
 
