@@ -120,6 +120,37 @@ def test_local_csv_carves_disjoint_deterministic_splits(tmp_path: Path) -> None:
     assert all(list(again[k]["text"]) == list(splits[k]["text"]) for k in splits)
 
 
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_local_parquet_reads_like_the_same_rows_as_csv(tmp_path: Path) -> None:
+    rows = review_rows(50)
+    csv_path = write_csv(tmp_path / "r.csv", rows, ["review", "stars", "other"])
+    parquet_path = write_parquet(tmp_path / "r.parquet", rows)
+    from_csv = load_splits(DataSpec(str(csv_path), text_column="review", label_column="stars"))
+    from_parquet = load_splits(DataSpec(str(parquet_path), text_column="review", label_column="stars"))
+    assert label_names(from_parquet) == label_names(from_csv) == ["mid", "neg", "pos"]
+    for name in ("train", "validation", "test"):
+        assert list(from_parquet[name]["text"]) == list(from_csv[name]["text"])
+        assert list(from_parquet[name]["label"]) == list(from_csv[name]["label"])
+
+
+def test_directory_of_parquet_files_per_split(tmp_path: Path) -> None:
+    folder = tmp_path / "per_split"
+    folder.mkdir()
+    write_parquet(folder / "train.parquet", [{"text": f"good {i}", "label": i % 2} for i in range(30)])
+    write_parquet(folder / "validation.parquet", [{"text": f"fine {i}", "label": i % 2} for i in range(6)])
+    write_parquet(folder / "test.parquet", [{"text": f"bad {i}", "label": i % 2} for i in range(4)])
+    splits = load_splits(str(folder))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 30, "validation": 6, "test": 4}
+    assert all(t.startswith("fine") for t in splits["validation"]["text"])
+
+
 def test_guessed_columns_int_labels_and_empty_text(tmp_path: Path) -> None:
     rows = [{"sentence": f"good movie {i}" if i % 10 else "", "label": i % 2} for i in range(40)]
     path = write_csv(tmp_path / "s.csv", rows, ["sentence", "label"])

@@ -42,7 +42,7 @@ _PAIR_GUESSES = [
 _TEXT_GUESSES = ["text", "sentence", "content", "review", "tweet", "document"]
 _LABEL_GUESSES = ["label", "labels", "sentiment", "class", "target"]
 _SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
-_LOCAL_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+_LOCAL_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class DataSpec:
     """Where a classification data set comes from and how to read it.
 
     ``name`` is ``"tweets"`` (embedded), a hub name optionally with a config (``"glue:sst2"``),
-    a local ``.csv``/``.tsv``/``.json``/``.jsonl`` file, or a local directory. Column names left
+    a local ``.csv``/``.tsv``/``.json``/``.jsonl``/``.parquet`` file, or a local directory (one file
+    per split, e.g. ``train.parquet`` and ``test.parquet``, or a ``save_to_disk`` data set). Column names left
     as ``None`` are guessed (``text``/``sentence``/..., ``label``/``sentiment``/...). ``seed``
     fixes the split carved out of data sets that lack validation/test splits; it is deliberately
     separate from any training seed so every run sees the same held-out examples.
@@ -263,7 +264,7 @@ def _load_raw(name: str) -> datasets.DatasetDict:
         builder = _LOCAL_SUFFIXES.get(path.suffix.lower())
         if builder is None:
             raise HeadpruneError(
-                f"unsupported data file type {path.suffix!r} for {name} (use .csv, .tsv, .json or .jsonl)"
+                f"unsupported data file type {path.suffix!r} for {name} (use .csv, .tsv, .json, .jsonl or .parquet)"
             )
         kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         try:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-DATA_HELP = "'tweets' (embedded), a hub name[:config] or a .csv/.json/.jsonl file (default: %(default)s)"
+DATA_HELP = (
+    "'tweets' (embedded), a hub name[:config], a .csv/.tsv/.json/.jsonl/.parquet file or a directory "
+    "(default: %(default)s)"
+)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from prune.commands._data import DATA_HELP
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the evaluation options."""
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default="tweets",
-        help="'tweets' (embedded), a hub name[:config] or a .csv/.json/.jsonl file (default: %(default)s)",
+        help=DATA_HELP,
     )
     parser.add_argument("--split", default="test", help="split to evaluate on (default: %(default)s)")
     parser.add_argument(

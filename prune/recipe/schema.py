@@ -80,7 +80,10 @@ def metric_expect() -> str:
 class DataSection:
     """Where the examples come from (see ``attribution.core.data.DataSpec``)."""
 
-    name: str = _field("tweets", expect="'tweets' (embedded), a hub name[:config] or a local .csv/.json/.jsonl file")
+    name: str = _field(
+        "tweets",
+        expect="'tweets' (embedded), a hub name[:config], a local .csv/.tsv/.json/.jsonl/.parquet file or a directory",
+    )
     text_column: str | None = _field(None, expect="a column name of the data set (or null to guess)")
     text_pair_column: str | None = _field(None, expect="a column name of the data set (or null)")
     label_column: str | None = _field(None, expect="a column name of the data set (or null to guess)")
