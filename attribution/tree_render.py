@@ -13,8 +13,10 @@ the tree means (level = layer), which matplotlib and hand-written SVG draw exact
 
 from __future__ import annotations
 
+import functools
 import html
 import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -145,8 +147,44 @@ def render_png(tree: AttributionTree, path: str | os.PathLike[str], *, dpi: int 
 # SVG / HTML
 
 
-def _text_width(text: str, size: float) -> float:
-    return 0.62 * size * max(len(text), 1)
+# The SVG names DejaVu Sans first and sizes every box by its advance widths (the font matplotlib ships,
+# so measured offline, the same everywhere); the fallbacks are narrower, so a label never overflows.
+SVG_FONT = "'DejaVu Sans', 'Bitstream Vera Sans', Arial, Helvetica, sans-serif"
+_FALLBACK_EM = 1.0  # a character DejaVu lacks (CJK, other scripts): full width in the fallback font
+_EMOJI_EM = 1.25  # colour emoji fonts (Noto Color Emoji: 1.245 em) are wider than DejaVu's own glyphs
+
+
+@functools.lru_cache(maxsize=2)
+def _font_advances(bold: bool) -> tuple[dict[int, int], Any]:
+    """DejaVu Sans (bold or regular) from matplotlib's data: its character map and the font."""
+    import matplotlib
+    from matplotlib.ft2font import FT2Font
+
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    font = FT2Font(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name))
+    font.set_size(100.0, 72)  # 100 px: advances come back in hundredths of an em
+    return font.get_charmap(), font
+
+
+@functools.lru_cache(maxsize=4096)
+def _char_em(char: str, bold: bool) -> float:
+    """The advance of one character in em: DejaVu Sans's own; for what it lacks a fallback font's,
+    rounded up (1 em; emoji 1.25 em); combining marks and format characters take none."""
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Cf", "Mn", "Me"):
+        return 0.0
+    charmap, font = _font_advances(bold)
+    code = ord(char)
+    if 0x1F000 <= code <= 0x1FAFF or 0x2600 <= code <= 0x27BF:  # emoji: a colour emoji font draws them
+        return _EMOJI_EM
+    if code in charmap:
+        return font.load_char(code).linearHoriAdvance / 65536 / 100.0
+    return _FALLBACK_EM
+
+
+def text_width(text: str, size: float, *, bold: bool = False) -> float:
+    """Rendered width in px of ``text`` at font size ``size`` px in ``SVG_FONT`` (kerning ignored:
+    it only narrows), at least one em."""
+    return size * max(sum(_char_em(c, bold) for c in text), 1.0)
 
 
 def render_svg(tree: AttributionTree) -> str:
@@ -155,7 +193,9 @@ def render_svg(tree: AttributionTree) -> str:
     levels = _levels(tree, positions)
     row_of = {level: k for k, level in enumerate(levels)}  # 0 = top
     font = 13.0
-    col_w = max([_text_width(tree.nodes[i].text, font) + 24 for i in positions] + [70.0])
+    pad = 8.0  # between a label and its box, each side
+    widths = {i: text_width(tree.nodes[i].text, font, bold=i == tree.root) + 2 * pad for i in positions}
+    col_w = max([w + 12 for w in widths.values()] + [70.0])
     row_h, left, top = 78.0, 70.0, 30.0
     width = left + col_w * max(len(positions), 1) + 90
     height = top + row_h * max(len(levels), 1) + 10
@@ -164,7 +204,7 @@ def render_svg(tree: AttributionTree) -> str:
     used_layers = sorted({e.layer for e in tree.edges})
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="{font:g}">',
+        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="{SVG_FONT}" font-size="{font:g}">',
         "<defs>",
     ]
     for layer in used_layers:
@@ -197,7 +237,7 @@ def render_svg(tree: AttributionTree) -> str:
         )
     for node, (x, y) in xy.items():
         n = tree.nodes[node]
-        w = _text_width(n.text, font) + 14
+        w = widths[node]
         fill = SEGMENT_FILL.get(n.segment, SEGMENT_FILL[0])
         stroke, sw = (ROOT_EDGE, 2.0) if node == tree.root else ("#555", 1.0)
         weight = ' font-weight="bold"' if node == tree.root else ""
