@@ -111,10 +111,18 @@ def load_model(
     return model, tok
 
 
-def save_pruned(model: PreTrainedModel, directory: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+def save_pruned(
+    model: PreTrainedModel, directory: str | os.PathLike[str], tokenizer: Any = None, *, remote_code: bool = False
+) -> Path:
     """Write a pruned (or masked, or dense) model to ``directory``: ``model.safetensors``,
     ``config.json`` with ``headprune_kept_heads`` (and ``headprune_kept_neurons`` when any
     feed-forward neuron was removed) and, if given, the tokenizer files.
+
+    ``remote_code``: also write ``modeling_headprune.py`` and its ``auto_map`` in the config, so
+    that ``AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True)``
+    loads the checkpoint without headprune (``prune.remote_code``). Off by default: running a
+    checkpoint's code is the user's security decision. Without it, headprune's own ``auto_map`` and
+    modeling file (from a checkpoint that had them) are not carried over.
 
     Persistent head and neuron masks are baked into a copy first (masked units removed, repair
     scales folded), so the saved model computes what ``model`` computes. The directory is written next
@@ -146,6 +154,7 @@ def save_pruned(model: PreTrainedModel, directory: str | os.PathLike[str], token
             elif hasattr(config, key):
                 delattr(config, key)
         model.save_pretrained(tmp, safe_serialization=True)
+        _set_remote_code(tmp, remote_code)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         tmp.chmod(0o755)
@@ -167,6 +176,24 @@ def save_pruned(model: PreTrainedModel, directory: str | os.PathLike[str], token
             elif hasattr(config, key):
                 delattr(config, key)
     return final
+
+
+def _set_remote_code(directory: Path, remote_code: bool) -> None:
+    """Add (``remote_code``) or drop headprune's modeling file and ``auto_map`` in a checkpoint being
+    written; an ``auto_map`` that is not headprune's is left alone."""
+    from prune.remote_code import AUTO_MAP_KEY, MODELING_FILE, auto_map, is_headprune_remote_code, write_modeling_file
+
+    path = directory / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if remote_code:
+        config[AUTO_MAP_KEY] = auto_map(str(config.get("model_type")))
+        write_modeling_file(directory)
+    elif is_headprune_remote_code(config):
+        del config[AUTO_MAP_KEY]
+        (directory / MODELING_FILE).unlink(missing_ok=True)
+    else:
+        return
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_kept_heads(directory: str | os.PathLike[str]) -> list[list[int]] | None:

@@ -315,6 +315,7 @@ def prune_checkpoint(
     batch_size: int = 32,
     max_length: int = 64,
     progress: bool = True,
+    remote_code: bool = False,
 ) -> PruneReport:
     """Choose heads from a scores file (a fraction, a count, the best K per layer, or Michel et
     al.'s iterative pruning within ``tolerance``), remove them, optionally repair, measure, save.
@@ -322,7 +323,8 @@ def prune_checkpoint(
     The metric is measured on the first ``eval_examples`` rows of ``eval_split`` when asked
     (``evaluate``), and always with ``iterative`` or ``repair``; repair calibrates on the first
     ``calibration_examples`` training rows. Writes a checkpoint (:func:`prune.checkpoints.load_model`
-    reloads it) plus ``prune_report.json`` into ``out``.
+    reloads it) plus ``prune_report.json`` into ``out``; ``remote_code`` adds the self-contained
+    modeling file (``prune.remote_code``, off by default: a security decision of the user).
     """
     import time
 
@@ -386,7 +388,7 @@ def prune_checkpoint(
         progress=progress,
     )
     metrics.update(outcome.metrics)
-    directory = save_pruned(outcome.model, out, tokenizer)
+    directory = save_pruned(outcome.model, out, tokenizer, remote_code=remote_code)
     removed, _, kept = head_counts(outcome.model)
     report = PruneReport(
         model=model_name,

@@ -7,7 +7,8 @@ Examples::
     headprune prune --model default --scores taylor.json --iterative --tolerance 0.01 --out pruned/
 
 The output directory is a pruned checkpoint (load it with ``prune.load_model`` or
-``headprune evaluate --model DIR``) plus ``prune_report.json`` (``prune.workflow.PruneReport``): the
+``headprune evaluate --model DIR``; with ``--remote-code`` also with transformers alone,
+``from_pretrained(DIR, trust_remote_code=True)``) plus ``prune_report.json`` (``prune.workflow.PruneReport``): the
 heads removed and, when measured, the metric of the dense, pruned and repaired model.
 """
 
@@ -83,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to save the pruned model")
+    parser.add_argument(
+        "--remote-code",
+        action="store_true",
+        help="also write modeling_headprune.py and an auto_map, so that transformers loads the checkpoint "
+        "without headprune via from_pretrained(DIR, trust_remote_code=True); off by default, since loading "
+        "it runs code from the directory",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -112,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         progress=not args.quiet,
+        remote_code=args.remote_code,
     )
     removed = report.heads_before - report.heads_after
     print(
