@@ -1,5 +1,7 @@
-"""Re-evaluating a (pruned) classifier offline: accuracy, macro-F1 and any metric of
-``prune.metrics``, on one process or sharded across many (see ``attribution.core.processes``)."""
+"""Re-evaluating a (pruned) classifier: accuracy, macro-F1, any metric of ``prune.metrics`` or any
+metric Hugging Face ``evaluate`` loads, on one process or sharded across many (see
+``attribution.core.processes``): the logits are gathered, so every process computes the metrics
+of all rows and reports the same result."""
 
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import torch
 from transformers import PreTrainedModel
 
 from attribution.core import processes
+from attribution.core.data import DataSpec
 from attribution.core.errors import HeadpruneError
 from attribution.core.io import Record
 from attribution.core.predict import predict_logits
-from prune.metrics import compute_metrics
+from prune.metrics import check_metrics, compute_metrics
 
 DEFAULT_METRICS = ("accuracy", "macro_f1")
 
@@ -62,7 +65,7 @@ def evaluate(
     call it then); ``False`` for code that runs on one process while the others wait."""
     if "label" not in dataset.column_names:
         raise HeadpruneError(f"the data set has no 'label' column (columns: {', '.join(dataset.column_names)})")
-    compute_metrics([0], [0], metrics)  # unknown metric names fail before any work
+    check_metrics(metrics)  # unknown metric names fail before any work
     started = time.perf_counter()
     logits = predict_logits(
         model, tokenizer, dataset, batch_size=batch_size, max_length=max_length, progress=progress,
@@ -85,7 +88,7 @@ def evaluate(
 
 def evaluate_model(
     model: str,
-    data: str = "tweets",
+    data: DataSpec | str = "tweets",
     *,
     split: str = "test",
     metrics: Sequence[str] = DEFAULT_METRICS,
@@ -95,10 +98,11 @@ def evaluate_model(
     progress: bool = True,
 ) -> EvalResult:
     """Load ``model`` (anything ``prune.checkpoints.load_model`` takes: ``"default"``, a pruned or
-    dense directory, a hub id) and evaluate it on ``split`` of ``data`` (``"tweets"``, a hub name
-    or a local file; see ``attribution.core.data.load_splits``)."""
-    from attribution.core.data import DataSpec, as_spec, load_splits
+    dense directory, a hub id) and evaluate it on ``split`` of ``data`` (a ``DataSpec``, or
+    ``"tweets"``, a hub name or a local file; see ``attribution.core.data.load_splits``)."""
+    from attribution.core.data import as_spec, load_splits
 
+    check_metrics(metrics)  # before the data and the model are loaded
     spec = as_spec(data)
     if max_length is not None:
         spec = DataSpec(**{**asdict(spec), "max_length": max_length})

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from attribution import instrument
+from attribution.core import processes
 from attribution.core.errors import HeadpruneError
 from attribution.core.predict import predict_logits as predict
 from attribution.scores import HeadScores
@@ -20,6 +22,7 @@ from prune.metrics import accuracy, macro_f1
 from prune.workflow import REPORT_NAME, PruneReport
 from tests.conftest import tiny_model
 from tests.prune_helpers import sensitive, tiny_dataset, tiny_tokenizer
+from tests.test_metrics import write_metric
 
 
 @pytest.fixture
@@ -72,8 +75,8 @@ def test_masked_and_saved_pruned_models_evaluate_alike(model, tokenizer, tmp_pat
 
 def test_evaluate_bad_input(model, tokenizer):
     data = tiny_dataset(5)
-    with pytest.raises(HeadpruneError, match="unknown metric 'bleu'"):
-        evaluate(model, tokenizer, data, metrics=["accuracy", "bleu"])
+    with pytest.raises(HeadpruneError, match="unknown metric 'no_such_metric_hp13'"):
+        evaluate(model, tokenizer, data, metrics=["accuracy", "no_such_metric_hp13"])
     with pytest.raises(HeadpruneError, match="no 'label' column"):
         evaluate(model, tokenizer, data.remove_columns("label"))
     with pytest.raises(HeadpruneError, match="empty"):
@@ -110,6 +113,61 @@ def test_cli_evaluate(workspace, capsys):
     assert f"accuracy: {result.metrics['accuracy']:.4f}" in printed
 
 
+def test_cli_evaluate_with_a_local_evaluate_metric(workspace, capsys):
+    script = write_metric(workspace["tmp"] / "metrics", "error_rate")
+    out = workspace["tmp"] / "result.json"
+    code = main(["evaluate", "--model", workspace["model"], "--data", workspace["data"], "--metrics",
+                 f"accuracy,{script},mcc", "--out", str(out), "--quiet"])
+    assert code == 0
+    result = EvalResult.load(out)
+    assert list(result.metrics) == ["accuracy", str(script), "mcc"]
+    assert result.metrics[str(script)] == pytest.approx(1 - result.metrics["accuracy"])
+    assert f"{script}: {result.metrics[str(script)]:.4f}" in capsys.readouterr().out
+
+
+def test_cli_evaluate_unknown_metric_is_one_line_exit_2(workspace, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = workspace["tmp"] / "never.json"
+    code = main(["evaluate", "--model", workspace["model"], "--data", workspace["data"], "--metrics",
+                 "accuracy,no_such_metric_hp13c", "--out", str(out), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown metric 'no_such_metric_hp13c'" in err and "accuracy, macro_f1" in err
+    assert "need network" in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def _evaluate_worker(out_dir: str, script: str) -> None:
+    from accelerate import PartialState
+
+    PartialState._reset_state()  # forked from the test process: forget its single-process state
+    result = _evaluate_with_script(out_dir, script)
+    Path(out_dir, f"rank{processes.process_index()}.json").write_text(json.dumps(result))
+
+
+def _evaluate_with_script(out_dir: str, script: str) -> dict:
+    torch.set_num_threads(1)
+    tokenizer = tiny_tokenizer(Path(out_dir) / "tok")
+    model = sensitive(tiny_model("bert", seed=4), seed=4)
+    result = evaluate(model, tokenizer, tiny_dataset(13, seed=6), metrics=("accuracy", script), batch_size=4)
+    return {"metrics": result.metrics, "examples": result.examples, "processes": result.processes}
+
+
+def test_two_processes_give_one_result_with_an_evaluate_metric(tmp_path):
+    from accelerate import PartialState, debug_launcher
+
+    script = str(write_metric(tmp_path / "metrics", "error_rate"))
+    debug_launcher(_evaluate_worker, args=(str(tmp_path), script), num_processes=2)
+    PartialState._reset_state()
+    single = _evaluate_with_script(str(tmp_path), script)
+    assert single["processes"] == 1 and single["examples"] == 13
+    for rank in (0, 1):
+        multi = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert multi["processes"] == 2 and multi["examples"] == 13  # every row once, gathered
+        assert multi["metrics"] == single["metrics"]
+    assert single["metrics"][script] == pytest.approx(1 - single["metrics"]["accuracy"])
+
+
 def test_cli_prune_sparsity_with_repair_and_evaluation(workspace, capsys):
     out = workspace["tmp"] / "pruned"
     code = main(["prune", "--model", workspace["model"], "--scores", workspace["scores"], "--sparsity", "0.5",
@@ -144,7 +202,7 @@ def test_cli_prune_keep_per_layer_on_a_pruned_model(workspace):
         (["--sparsity", "1.5"], "sparsity must be a fraction strictly between 0 and 1"),
         (["--sparsity", "0"], "sparsity must be a fraction strictly between 0 and 1"),
         (["--keep-per-layer", "9"], "keep-per-layer must be an integer in 1..4"),
-        (["--count", "2", "--metric", "bleu"], "unknown metric 'bleu'"),
+        (["--count", "2", "--metric", "no_such_metric_hp13"], "unknown metric 'no_such_metric_hp13'"),
         (["--count", "2", "--scores", "OTHER"], "2 layers x 4 heads, but this model has 3 x 4"),
         (["--count", "2", "--scores", "MISSING"], "scores file not found"),
     ],

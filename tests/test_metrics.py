@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,146 @@ def test_eval_result_bad_files_are_one_line_errors_naming_the_file(tmp_path) -> 
     path.write_text(json.dumps({"format": "headprune.HeadScores"}))
     with pytest.raises(HeadpruneError, match="expected a headprune.EvalResult file, found a headprune.HeadScores"):
         EvalResult.load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# metrics loaded with Hugging Face evaluate (local scripts; the hub is unreachable here)
+
+# A metric that evaluate loads from a local script: the fraction of wrong predictions.
+ERROR_RATE_SCRIPT = '''
+import datasets
+import evaluate
+
+
+class ErrorRate(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="fraction of wrong predictions", citation="", inputs_description="",
+            features=datasets.Features({"predictions": datasets.Value("int64"),
+                                        "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references):
+        wrong = sum(int(p != r) for p, r in zip(predictions, references))
+        return {"error_rate": wrong / len(references), "note": "wrong / all"}
+'''
+
+
+def write_metric(folder: Path, name: str, source: str = ERROR_RATE_SCRIPT) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
+    path.write_text(source)
+    return path
+
+
+def test_local_evaluate_metric_script_file_and_directory(tmp_path: Path) -> None:
+    script = write_metric(tmp_path, "error_rate")
+    values = compute_metrics(PREDS, LABELS, ["accuracy", str(script)])
+    assert list(values) == ["accuracy", str(script)]
+    assert values[str(script)] == pytest.approx(3 / 8) == pytest.approx(1 - values["accuracy"])
+    # evaluate's directory convention: DIR/DIR.py; from logits too
+    folder = write_metric(tmp_path / "wrong", "wrong").parent
+    logits = torch.nn.functional.one_hot(torch.tensor(PREDS), 3).float()
+    assert compute_metrics(logits, LABELS, [str(folder)])[str(folder)] == pytest.approx(3 / 8)
+    rng = np.random.default_rng(1)
+    labels, preds = rng.integers(0, 4, 97), rng.integers(0, 4, 97)
+    assert compute_metrics(preds, labels, [str(script)])[str(script)] == pytest.approx(np.mean(preds != labels))
+
+
+def test_builtin_names_win_over_local_scripts_of_the_same_name(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    constant = ERROR_RATE_SCRIPT.replace("wrong / len(references)", "42.0")
+    write_metric(tmp_path / "accuracy", "accuracy", constant)  # what evaluate.load("accuracy") would find
+    write_metric(tmp_path / "errors", "errors", constant)
+    values = compute_metrics(PREDS, LABELS, ["accuracy", "acc", "errors"])
+    assert values == {"accuracy": 5 / 8, "acc": 5 / 8, "errors": 42.0}  # a non-built-in name is loaded
+
+
+def test_unknown_metric_offline_is_one_line_without_network(monkeypatch) -> None:
+    import requests
+
+    from prune.metrics import hub_reachable
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the hub was asked although HF_HUB_OFFLINE is set")
+
+    monkeypatch.setattr(requests, "head", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+    with pytest.raises(HeadpruneError) as info:
+        compute_metrics(PREDS, LABELS, ["accuracy", "no_such_metric_hp13"])
+    message = str(info.value)
+    assert "'no_such_metric_hp13'" in message and "need network" in message and "\n" not in message
+    assert all(name in message for name in METRICS)
+
+
+def test_unreachable_hub_is_detected_quickly(monkeypatch) -> None:
+    import requests
+
+    from prune.metrics import hub_reachable
+
+    asked = []
+
+    def refused(url, timeout, **kwargs):
+        asked.append((url, timeout))
+        raise requests.ConnectionError("refused")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_EVALUATE_OFFLINE", raising=False)
+    monkeypatch.setattr(requests, "head", refused)
+    assert hub_reachable() is False
+    assert len(asked) == 1 and asked[0][1] <= 5  # one short probe, never evaluate's 100 s timeouts
+    with pytest.raises(HeadpruneError, match="unreachable here"):
+        compute_metrics(PREDS, LABELS, ["no_such_metric_hp13b"])
+
+
+def test_hub_metric_cached_by_evaluate_loads_offline(monkeypatch) -> None:
+    import shutil
+
+    from evaluate.loading import init_dynamic_modules
+
+    name = "headprune_cached_probe"
+    folder = Path(init_dynamic_modules(), "metrics", f"evaluate-metric--{name}")
+    write_metric(folder / ("0" * 64), name)  # the layout evaluate.load leaves after a hub download
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        assert compute_metrics(PREDS, LABELS, [name]) == {name: pytest.approx(3 / 8)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("import evaluate\nraise RuntimeError('broken on purpose')\n", "evaluate could not load it"),
+        # two numbers, neither named like the metric (error_rate, from the class name)
+        (ERROR_RATE_SCRIPT.replace('"error_rate"', '"share"').replace('"wrong / all"', "1.0"), "expected one number"),
+        (ERROR_RATE_SCRIPT.replace("wrong / len(references)", "1 / 0"), "failed on 8 examples"),
+    ],
+    ids=["import-error", "two-numbers", "compute-error"],
+)
+def test_bad_metric_scripts_are_one_line_errors(tmp_path: Path, source: str, fragment: str) -> None:
+    script = write_metric(tmp_path / fragment.replace(" ", "_"), "m", source)
+    with pytest.raises(HeadpruneError, match=fragment) as info:
+        compute_metrics(PREDS, LABELS, [str(script)])
+    assert "\n" not in str(info.value)
+    with pytest.raises(HeadpruneError, match="no metric script at ./nowhere/m.py"):
+        compute_metrics(PREDS, LABELS, ["./nowhere/m.py"])
+
+
+def test_recipes_take_evaluate_metrics_and_reject_unknown_ones(tmp_path: Path, monkeypatch) -> None:
+    from prune.recipe import RecipeError, parse_recipe
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    script = write_metric(tmp_path, "error_rate")
+    recipe = parse_recipe(f"model: default\nevaluate:\n  metrics: [accuracy, {script}]\nsweep:\n  metric: {script}\n")
+    assert recipe.evaluate.metrics == ["accuracy", str(script)] and recipe.sweep.metric == str(script)
+    for text, where in [
+        ("model: default\nevaluate:\n  metrics: [accuracy, no_such_metric_hp13d]\n", "line 3: evaluate.metrics[1]"),
+        ("model: default\nsweep:\n  metric: no_such_metric_hp13d\n", "line 3: sweep.metric"),
+    ]:
+        with pytest.raises(RecipeError) as info:
+            parse_recipe(text)
+        message = str(info.value)
+        assert where in message and "no_such_metric_hp13d" in message and "need network" in message
+        assert "\n" not in message

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from prune.commands._data import DATA_HELP
+from prune.commands._data import add_data_arguments, data_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,16 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a model directory (pruned by headprune or dense), 'default' (the embedded classifier, "
         "fine-tuned on first use), 'minilm' or a hub id",
     )
-    parser.add_argument(
-        "--data",
-        default="tweets",
-        help=DATA_HELP,
-    )
+    add_data_arguments(parser)
     parser.add_argument("--split", default="test", help="split to evaluate on (default: %(default)s)")
     parser.add_argument(
         "--metrics",
         default="accuracy,macro_f1",
-        help="comma-separated: accuracy, macro_f1, matthews_corrcoef (default: %(default)s)",
+        help="comma-separated: accuracy, macro_f1, matthews_corrcoef (built-in), or any metric Hugging Face "
+        "evaluate loads: a local metric script (my_metric.py, or a directory holding <dir name>.py) or a hub "
+        "name such as precision (needs network) (default: %(default)s)",
     )
     parser.add_argument("--max-examples", type=int, default=None, help="only the first N rows of the split")
     parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
@@ -58,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise HeadpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
     result = evaluate_model(
         args.model,
-        args.data,
+        data_spec(args),
         split=args.split,
         metrics=metrics,
         max_examples=args.max_examples,
@@ -69,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if processes.is_main_process():
         if args.out:
             result.save(args.out)
-        processes = f" on {result.processes} processes" if result.processes > 1 else ""
-        print(f"{args.model} on {result.data}/{result.split}: {result.examples} examples{processes}")
+        spread = f" on {result.processes} processes" if result.processes > 1 else ""
+        print(f"{args.model} on {result.data}/{result.split}: {result.examples} examples{spread}")
         for name, value in result.metrics.items():
             print(f"{name}: {value:.4f}")
     return 0

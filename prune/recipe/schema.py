@@ -60,15 +60,24 @@ def _one_of(*choices: str) -> Callable[[Any], bool]:
 
 
 def is_metric_name(value: Any) -> bool:
-    from prune.metrics import _ALIASES, METRICS
+    """A built-in metric (or alias), or one Hugging Face ``evaluate`` loads (a local metric script,
+    or a hub metric when the hub is reachable): see ``prune.metrics.metric_function``."""
+    from prune.metrics import metric_function
 
-    return _ALIASES.get(value, value) in METRICS
+    try:
+        metric_function(value)
+    except HeadpruneError:
+        return False
+    return True
 
 
 def metric_expect() -> str:
     from prune.metrics import METRICS
 
-    return "a metric name: " + ", ".join(METRICS)
+    return (
+        "a metric name: " + ", ".join(METRICS) + ", or a metric Hugging Face evaluate loads "
+        "(a local metric script, or a hub name: hub metrics need network)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +137,7 @@ class SweepSection:
     )
     split: str = _field("validation", expect="one of " + ", ".join(SPLITS), check=_one_of(*SPLITS))
     examples: int | None = _field(500, expect="a positive integer, or null for the whole split", check=_positive)
-    metric: str = _field("accuracy", expect="a metric name", check=is_metric_name)
+    metric: str = _field("accuracy", expect=metric_expect(), check=is_metric_name)
     batch_size: int = _field(64, expect="a positive integer", check=_positive)
 
 
