@@ -23,10 +23,15 @@ class UnitScores(Record):
     pruning). ``criterion`` names what scored them; ``provenance`` records how (model, the
     criterion's options, examples, package versions, diagnostics) and travels with them through
     save/load. Saved as JSON ``{"format", "version", "criterion", "shape", "values", "provenance"}``.
+
+    Timings (``TIMING_KEYS``: the seconds a scoring took) stay in memory (:attr:`timing`) but are
+    not saved: the file's bytes depend only on what was computed, so identical runs write
+    identical files (a pipeline run keeps its times in ``stages/<stage>.time.json``).
     """
 
     UNIT: ClassVar[str] = ""
     LETTER: ClassVar[str] = ""  # in names like L0H3 / L0N17
+    TIMING_KEYS: ClassVar[tuple[str, ...]] = ("seconds", "seconds_this_run")
 
     values: torch.Tensor
     criterion: str
@@ -86,6 +91,11 @@ class UnitScores(Record):
 
     # ---- persistence ---------------------------------------------------------------------------
 
+    @property
+    def timing(self) -> dict[str, Any]:
+        """The provenance's timing entries (not saved)."""
+        return {k: v for k, v in self.provenance.items() if k in self.TIMING_KEYS}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.FORMAT,
@@ -93,7 +103,7 @@ class UnitScores(Record):
             "criterion": self.criterion,
             "shape": list(self.shape),
             "values": self.values.tolist(),
-            "provenance": self.provenance,
+            "provenance": {k: v for k, v in self.provenance.items() if k not in self.TIMING_KEYS},
         }
 
     @classmethod

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import threading
 import types
 import typing
 import uuid
@@ -26,6 +28,47 @@ from attribution.core.errors import HeadpruneError
 R = TypeVar("R", bound="Record")
 
 
+# the temporary files of atomic_output: ``.<name>.<pid>.<8 hex>.tmp<suffix>`` beside the target;
+# a killed process leaves them behind, and a later run of the same output directory removes them
+TEMPORARY_FILE = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?:\.[^.]+)?$")
+
+
+def temporary_path(path: Path) -> Path:
+    """The temporary name ``atomic_output`` writes ``path`` under (matches :data:`TEMPORARY_FILE`)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (``/proc`` on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:  # elsewhere the only way to read it is to set it (and put it back at once)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` (and, for a directory, everything in it) the modes a plain ``open``/``mkdir``
+    would have given under the user's umask: files ``0o666 & ~umask``, directories ``0o777 & ~umask``.
+    For what libraries create private (``tempfile.mkdtemp``, transformers' safetensors writer:
+    mode 0600), so that a shared cache is readable by others under umask 022."""
+    mask = current_umask()
+    root = Path(path)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for item in paths:
+        if item.is_symlink():
+            continue
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` (same suffix, so writers that go by it still work);
@@ -33,7 +76,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    tmp = temporary_path(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -10,7 +10,8 @@ the functions here split the data between the processes and put the results back
   because the shards are contiguous -- padding for the collective and trimming the padding after.
 - ``reduce``: sums ``(sum [L, H], count)`` over processes (the ``reduce`` hook of
   ``attribution.head_importance``), so every process ends with the scores of the whole data set.
-- ``barrier`` and ``mine`` (round-robin ownership of work items) for the recipe runner.
+- ``barrier``, ``broadcast`` (the main process's decision on every process) and ``mine``
+  (round-robin ownership of work items) for the recipe runner and ``headprune attribute``.
 
 On a single process every function is the identity, so the same code runs anywhere.
 """
@@ -125,6 +126,15 @@ def barrier() -> None:
     """Wait for every process (nothing on one process)."""
     if is_distributed() and num_processes() > 1:
         state().wait_for_everyone()
+
+
+def broadcast(value: Any) -> Any:
+    """The main process's ``value`` (any picklable object) on every process (identity on one)."""
+    if not is_distributed() or num_processes() == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def mine(index: int) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 from attribution.core.io import Record
 from prune.cost import CostReport
 from prune.export import OnnxExport
+from prune.pipeline.fingerprints import FileDigest
 from prune.workflow import PruneDecision, SweepResult
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "PruneRun",
     "RepairSummary",
     "StageRecord",
+    "StageTiming",
     "SweepPointRecord",
     "SweepResult",
 ]
@@ -33,18 +35,31 @@ __all__ = [
 @dataclass
 class StageRecord(Record):
     """The marker of a finished stage (``stages/<name>.json``): the fingerprint of its inputs, the
-    inputs themselves (to say what changed), small outputs, the files it wrote and its times."""
+    inputs themselves (to say what changed), small outputs, the files it wrote with their size and
+    sha256 (checked on resume). No times: identical runs write identical markers (the times are
+    in :class:`StageTiming`). Version 1 markers had times and no digests; they load as "run again"."""
 
     FORMAT = "headprune.StageRecord"
+    VERSION = 2
 
     name: str
     fingerprint: str
     inputs: dict[str, Any]
     outputs: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    finished: str = ""
-    cpu_seconds: float = 0.0  # CPU time of the (main) process, all threads: compare runs on busy machines
+    digests: dict[str, FileDigest] = field(default_factory=dict)
+
+
+@dataclass
+class StageTiming(Record):
+    """``stages/<name>.time.json``: when a stage last ran and how long it took (kept apart from
+    the marker so that the marker's bytes depend only on what the stage computed)."""
+
+    FORMAT = "headprune.StageTiming"
+
+    seconds: float
+    cpu_seconds: float  # CPU time of the (main) process, all threads: compare runs on busy machines
+    finished: str
 
 
 @dataclass
@@ -86,8 +101,11 @@ class SweepPointRecord(Record):
 
 @dataclass
 class RepairSummary:
+    """The repair behind a ``prune.json`` (its timing is in ``repair.json``, not here: identical
+    runs write identical ``prune.json`` files)."""
+
     examples: int
-    seconds: float
+    seconds: float | None  # None since the timing moved out (older files have it)
     layers: int
 
 

@@ -17,8 +17,8 @@ from attribution.core import processes
 from attribution.core.data import DataSpec, iter_batches, label_names, load_splits
 from attribution.core.errors import HeadpruneError
 from attribution.core.log import get_logger
-from prune.pipeline.artifacts import StageRecord
-from prune.pipeline.fingerprints import hash_files, hash_model_dir
+from prune.pipeline.artifacts import StageRecord, StageTiming
+from prune.pipeline.fingerprints import file_digest, hash_files, hash_model_dir
 from prune.recipe import Recipe
 
 log = get_logger("run")
@@ -35,6 +35,7 @@ class RunContext:
     command: str | None = None
     on_shard: Any = None  # callable(criterion, shard) after each saved shard (tests simulate crashes)
     records: dict[str, StageRecord] = field(default_factory=dict)
+    timings: dict[str, StageTiming] = field(default_factory=dict)  # of the finished stages, when known
     model_path: str | None = None  # set by the finetune stage (or resolved from recipe.model)
 
     # ---- processes ---------------------------------------------------------------------------
@@ -78,6 +79,30 @@ class RunContext:
             root = Path(name).expanduser()
             content = hash_files([p for p in root.rglob("*") if p.is_file()], root)
         return {"spec": spec, "content": content}
+
+    def digests(self, *names: str) -> dict[str, str | None]:
+        """sha256 of the run files ``names`` -- what a stage reads from the stages before it, the
+        part of its fingerprint that makes it rerun only when those bytes change. A name ending in
+        ``/`` stands for every file under that folder. The digests are those the writing stage
+        recorded (verified when it was skipped); a file no stage of this run recorded is hashed
+        now, an absent one maps to None."""
+        recorded = {f: d.sha256 for record in self.records.values() for f, d in record.digests.items()}
+        out: dict[str, str | None] = {}
+        for name in names:
+            if name.endswith("/"):
+                inside = sorted(f for f in recorded if f.startswith(name))
+                if inside:
+                    out.update({f: recorded[f] for f in inside})
+                    continue
+                folder = self.out / name
+                found = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+                out.update({str(p.relative_to(self.out)): file_digest(p).sha256 for p in found} or {name: None})
+            elif name in recorded:
+                out[name] = recorded[name]
+            else:
+                path = self.out / name
+                out[name] = file_digest(path).sha256 if path.is_file() else None
+        return out
 
     def common(self) -> dict[str, Any]:
         """The inputs every model-reading stage depends on."""

@@ -1,12 +1,50 @@
-"""Fingerprints: what a stage's inputs were, so a rerun knows whether its outputs still hold."""
+"""Fingerprints: what a stage's inputs were, so a rerun knows whether its outputs still hold;
+file digests: what a stage's outputs were, so a rerun knows whether they are still those bytes.
+
+Verification reads every recorded output once per rerun (a size mismatch is reported without
+reading). There is no size+mtime shortcut: an in-place change that keeps the size and restores the
+mtime would slip through it, and hashing is cheap next to the stages themselves (sha256 runs at
+~0.5 GB/s on one core here: a BERT-base run's outputs, ~1.2 GB, verify in ~2-3 s).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """The size and sha256 of one file a stage wrote."""
+
+    size: int
+    sha256: str
+
+
+def file_digest(path: Path) -> FileDigest:
+    """Size and sha256 of ``path`` (read once, in chunks)."""
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        return FileDigest(handle.tell(), digest)
+
+
+def check_digest(path: Path, recorded: FileDigest) -> str | None:
+    """None when ``path`` still has the recorded bytes, else why not (missing, size, content)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    if not path.is_file():
+        return "not a file"
+    if size != recorded.size:
+        return f"{size} bytes, {recorded.size} recorded"
+    if file_digest(path).sha256 != recorded.sha256:
+        return "content differs from the recorded sha256"
+    return None
 
 
 def fingerprint(inputs: Any) -> str:

@@ -7,10 +7,20 @@ Stages, in the order of :data:`prune.pipeline.stages.STAGES` (each only when the
 
 Every stage writes its outputs atomically under the output directory and then a marker
 ``OUT/stages/<stage>.json`` (:class:`~prune.pipeline.artifacts.StageRecord`) holding the
-**fingerprint** of its inputs: the recipe sections it uses, the model (content hash of its files),
-the data (spec plus content hash of local files), the fingerprints of the stages it reads from,
-and the headprune version. A rerun skips every stage whose marker matches (and whose files still
-exist) and says so; a stage whose inputs changed says which ones and runs again.
+**fingerprint** of its inputs and the size and sha256 of every file it wrote (its times go to
+``stages/<stage>.time.json``, so identical runs write identical markers). The fingerprint covers
+the stage's own recipe settings, the model (content hash of its files), the data (spec plus
+content hash of local files), the seed, the headprune version, and the *content hashes of the run
+files it reads* -- not the settings of the stages that wrote them: a stage whose inputs are
+byte-identical to last time is skipped even when an upstream stage reran. A rerun skips a stage
+when its marker matches and every recorded output still has its size and sha256 (read once per
+rerun: see :mod:`prune.pipeline.fingerprints`); otherwise it reruns it and says why in one line
+(``inputs changed: ...``, ``output changed (model/model.safetensors: 12 bytes, 4456 recorded)``).
+
+One run at a time per output directory (:class:`~prune.pipeline.outdir.OutputLock`: a second
+run refuses with one line naming the holder; the lock of a killed run is taken over), and the
+temporary files of killed runs are removed when the next run starts
+(:func:`~prune.pipeline.outdir.remove_leftovers`).
 
 Several processes (``torchrun``/``accelerate launch``): stages deal their work out round-robin
 (``attribution.core.processes.mine``), each process writes its own files, and after a barrier the
@@ -31,9 +41,10 @@ from attribution import __version__
 from attribution.core import processes
 from attribution.core.errors import HeadpruneError
 from attribution.core.io import atomic_write_text
-from prune.pipeline.artifacts import StageRecord
+from prune.pipeline.artifacts import StageRecord, StageTiming
 from prune.pipeline.context import RunContext
-from prune.pipeline.fingerprints import describe_changes, fingerprint
+from prune.pipeline.fingerprints import check_digest, describe_changes, file_digest, fingerprint
+from prune.pipeline.outdir import OutputLock, remove_leftovers
 from prune.pipeline.stage import Stage
 from prune.recipe import Recipe
 
@@ -81,6 +92,9 @@ class Runner:
     def marker(self, name: str) -> Path:
         return self.ctx.out / "stages" / f"{name}.json"
 
+    def timing(self, name: str) -> Path:
+        return self.ctx.out / "stages" / f"{name}.time.json"
+
     def _load_marker(self, name: str) -> StageRecord | None:
         """The marker of a finished stage, or None if absent or unreadable (then it reruns)."""
         try:
@@ -88,26 +102,54 @@ class Runner:
         except HeadpruneError:
             return None
 
+    def _why_rerun(self, stage: Stage, fp: str, inputs: dict[str, Any]) -> tuple[str | None, StageRecord | None]:
+        """``(None, record)`` when the stage is done: a marker with this fingerprint whose every
+        recorded output still has its size and sha256; else ``(reason, None)``."""
+        name = stage.marker_name
+        if self.force:
+            return ("forced" if self.marker(name).exists() else "not run before"), None
+        record = self._load_marker(name)
+        if record is None:
+            if not self.marker(name).exists():
+                return "not run before", None
+            return "its marker is unreadable or was written by an older headprune", None
+        if record.fingerprint != fp:
+            return "inputs changed: " + describe_changes(record.inputs, inputs), None
+        unrecorded = [f for f in record.files if f not in record.digests]
+        if unrecorded:
+            return f"output {unrecorded[0]} has no recorded digest", None
+        for relative, recorded in record.digests.items():
+            problem = check_digest(self.ctx.out / relative, recorded)
+            if problem == "missing":
+                return f"output missing ({relative})", None
+            if problem is not None:
+                return f"output changed ({relative}: {problem})", None
+        if not stage.valid(self.ctx, record):
+            return "outputs no longer valid", None
+        return None, record
+
     def execute(self, stage: Stage) -> StageRecord:
-        """Run ``stage`` unless a matching marker says it is done."""
+        """Run ``stage`` unless its marker says it is done and its outputs are still those bytes."""
         ctx, name = self.ctx, stage.marker_name
         processes.barrier()
         inputs = {**stage.inputs(ctx), "headprune": __version__}
         fp = fingerprint(inputs)
-        record = None if self.force else self._load_marker(name)
-        if record is not None and record.fingerprint == fp:
-            missing = [f for f in record.files if not (ctx.out / f).exists()]
-            if not missing and stage.valid(ctx, record):
-                ctx.log(f"[{name}] already done (fingerprint {fp[:10]}), skipped")
-                ctx.records[name] = record
-                self.outcomes.append(StageOutcome(name, "skipped", 0.0))
-                stage.finished(ctx, record)
-                return record
-            reason = f"outputs missing ({missing[0]})" if missing else "outputs no longer valid"
-        elif record is not None:
-            reason = "inputs changed: " + describe_changes(record.inputs, inputs)
-        else:
-            reason = "forced" if self.force and self.marker(name).exists() else "not run before"
+        # the main process decides (it alone reads the outputs back); the others follow
+        reason = self._why_rerun(stage, fp, inputs)[0] if ctx.main else None
+        reason = processes.broadcast(reason)
+        if reason is None:
+            record = self._load_marker(name)
+            if record is None:
+                raise HeadpruneError(f"stage {name}: the marker vanished while the run was reading it")
+            ctx.log(f"[{name}] already done (fingerprint {fp[:10]}, outputs verified), skipped")
+            ctx.records[name] = record
+            try:
+                ctx.timings[name] = StageTiming.load(self.timing(name))
+            except HeadpruneError:
+                pass
+            self.outcomes.append(StageOutcome(name, "skipped", 0.0))
+            stage.finished(ctx, record)
+            return record
         ctx.log(f"[{name}] running ({reason})")
         started, cpu_started = time.perf_counter(), time.process_time()
         outputs: dict[str, Any] = {}
@@ -120,9 +162,15 @@ class Runner:
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         processes.barrier()
         if ctx.main:
-            record = StageRecord(
-                name, fp, inputs, outputs, files, round(seconds, 3), time.strftime("%Y-%m-%dT%H:%M:%S"), round(cpu, 3)
-            )
+            files = sorted(set(files))
+            missing = [f for f in files if not (ctx.out / f).is_file()]
+            if missing:
+                raise HeadpruneError(f"stage {name} did not write {missing[0]}")
+            # hashed once, right after writing (the bytes are still in the page cache)
+            digests = {f: file_digest(ctx.out / f) for f in files}
+            record = StageRecord(name, fp, inputs, outputs, files, digests)
+            timing = StageTiming(round(seconds, 3), round(cpu, 3), time.strftime("%Y-%m-%dT%H:%M:%S"))
+            timing.save(self.timing(name))
             record.save(self.marker(name))
         processes.barrier()
         if not ctx.main:
@@ -130,6 +178,7 @@ class Runner:
             if record is None:
                 raise HeadpruneError(f"stage {name}: the main process wrote no marker")
         ctx.records[name] = record
+        ctx.timings[name] = StageTiming(round(seconds, 3), round(cpu, 3), "")
         self.outcomes.append(StageOutcome(name, "ran", seconds))
         ctx.log(f"[{name}] done in {seconds:.1f} s (CPU {cpu:.1f} s)")
         stage.finished(ctx, record)
@@ -152,12 +201,35 @@ class Runner:
             raise HeadpruneError(f"output path {ctx.out} exists and is not a directory")
 
     def run(self) -> RunResult:
-        from prune.pipeline.stages import STAGES
-
         started = time.perf_counter()
         ctx = self.ctx
         self.check_inputs()
+        lock = OutputLock(ctx.out, ctx.command) if ctx.main else None
+        refused = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except HeadpruneError as error:
+                refused = str(error)
+        refused = processes.broadcast(refused)
+        if refused is not None:
+            raise HeadpruneError(refused)
+        try:
+            return self._run_locked(started)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run_locked(self, started: float) -> RunResult:
+        from prune.pipeline.stages import STAGES
+
+        ctx = self.ctx
         if ctx.main:
+            removed = remove_leftovers(ctx.out)
+            if removed:
+                shown = ", ".join(str(p.relative_to(ctx.out)) for p in removed[:3])
+                more = f" (+{len(removed) - 3} more)" if len(removed) > 3 else ""
+                ctx.log(f"removed {len(removed)} temporary file(s) of an interrupted run: {shown}{more}")
             (ctx.out / "stages").mkdir(parents=True, exist_ok=True)
             atomic_write_text(ctx.out / "recipe.yaml", ctx.recipe.to_yaml())
             if ctx.command:
@@ -175,6 +247,7 @@ class Runner:
             f"report: {ctx.out / 'report.html'}"
         )
         files = sorted({f for record in ctx.records.values() for f in record.files})
+        processes.barrier()  # the lock is released only when every process is done with the directory
         return RunResult(ctx.out, self.outcomes, seconds, summary, ctx.main, files)
 
 

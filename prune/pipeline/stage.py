@@ -35,6 +35,13 @@ class StageResult:
     files: list[str] = field(default_factory=list)
 
 
+def folder_files(ctx: RunContext, folder: str) -> list[str]:
+    """Every file under ``OUT/<folder>`` (relative to the run directory, sorted): what a stage that
+    saves a model directory reports as written, so each of them is verified on resume."""
+    root = ctx.out / folder
+    return sorted(str(p.relative_to(ctx.out)) for p in root.rglob("*") if p.is_file())
+
+
 class Stage:
     """Base class of the pipeline's stages; see the module docstring."""
 

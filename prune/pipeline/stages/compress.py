@@ -9,7 +9,7 @@ from typing import Any
 
 from prune.pipeline.artifacts import CompressRun, DenseRun, StageRecord
 from prune.pipeline.context import RunContext
-from prune.pipeline.stage import Stage, StageResult
+from prune.pipeline.stage import Stage, StageResult, folder_files
 from prune.pipeline.stages.dense import metrics_text
 
 REPAIR_BATCH = 32
@@ -20,8 +20,9 @@ def compress_inputs(ctx: RunContext) -> dict[str, Any]:
     return {
         "compress": ctx.recipe.section("compress"),
         "evaluate": ctx.recipe.section("evaluate"),
-        "scores": ctx.records["compress-score"].fingerprint,
-        "latency": ctx.records["latency-model"].fingerprint,
+        "files": ctx.digests(
+            "compress/head-scores.json", "compress/neuron-scores.json", "compress/latency.json", "dense.json"
+        ),
         **ctx.common(),
     }
 
@@ -135,5 +136,6 @@ class CompressStage(Stage):
             if outcome.repair is not None:
                 outcome.repair.save(ctx.out / "compress" / "repair.json")
             run.save(ctx.out / "compress" / "compress.json")
-        files = list(self.writes) + (["compress/repair.json"] if outcome.repair is not None else [])
+        files = ["compress/compress.json", *folder_files(ctx, "compress/model")] if ctx.main else []
+        files += ["compress/repair.json"] if outcome.repair is not None and ctx.main else []
         return StageResult({"fraction": run.fraction, "final": run.final_metrics}, files)

@@ -35,4 +35,4 @@ class CompressScoreStage(Stage):
         seconds = heads.provenance.get("seconds", 0) + neurons.provenance.get("seconds", 0)
         rows = sum(int(b["input_ids"].shape[0]) for b in batches)
         ctx.log(f"[compress-score] {section.criterion} on {rows} {section.split} rows: {seconds:.1f} s")
-        return StageResult({"seconds": seconds}, list(self.writes))
+        return StageResult({}, list(self.writes))  # the seconds are in stages/compress-score.time.json

@@ -27,7 +27,7 @@ class CostStage(Stage):
         recipe = ctx.recipe
         return {
             "cost": recipe.section("cost"),
-            "prune": ctx.records["prune"].fingerprint,
+            "pruned": ctx.digests("model/"),
             "evaluate": recipe.section("evaluate"),
             **ctx.common(),
         }

@@ -26,7 +26,7 @@ class ExportStage(Stage):
         recipe = ctx.recipe
         return {
             "export": recipe.section("export"),
-            "prune": ctx.records["prune"].fingerprint if "prune" in ctx.records else None,
+            "pruned": ctx.digests("model/") if recipe.prune is not None else None,
             "cost": recipe.section("cost"),
             "evaluate": recipe.section("evaluate"),
             **ctx.common(),

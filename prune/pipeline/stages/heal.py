@@ -9,7 +9,7 @@ from typing import Any
 
 from prune.pipeline.artifacts import HealRun, StageRecord
 from prune.pipeline.context import RunContext
-from prune.pipeline.stage import Stage, StageResult
+from prune.pipeline.stage import Stage, StageResult, folder_files
 from prune.pipeline.stages.dense import metrics_text
 
 
@@ -23,7 +23,7 @@ class HealStage(Stage):
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         return {
             "heal": ctx.recipe.section("heal"),
-            "compress": ctx.records["compress"].fingerprint,
+            "compressed": ctx.digests("compress/model/"),
             "evaluate": ctx.recipe.section("evaluate"),
             **ctx.common(),
         }
@@ -54,4 +54,5 @@ class HealStage(Stage):
         save_checked(student, ctx.out / "compress" / "healed", tokenizer, probe)
         HealRun(result.to_dict(), metrics).save(ctx.out / "compress" / "heal.json")
         shutil.rmtree(ctx.out / "compress" / "heal", ignore_errors=True)  # the resume state (~4 models) is done
-        return StageResult({"metrics": metrics, "steps": result.steps}, list(self.writes))
+        files = ["compress/heal.json", *folder_files(ctx, "compress/healed")]
+        return StageResult({"metrics": metrics, "steps": result.steps}, files)

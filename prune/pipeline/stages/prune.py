@@ -6,7 +6,7 @@ from typing import Any
 
 from prune.pipeline.artifacts import DenseRun, PruneRun, RepairSummary, StageRecord
 from prune.pipeline.context import RunContext
-from prune.pipeline.stage import Stage, StageResult
+from prune.pipeline.stage import Stage, StageResult, folder_files
 from prune.pipeline.stages.dense import metrics_text
 from prune.workflow import SweepResult, Target, decide, head_counts, prune_and_repair, save_checked
 
@@ -19,12 +19,21 @@ class PruneStage(Stage):
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         recipe = ctx.recipe
+        section = recipe.prune
+        # the files decide() reads: one criterion's scores or all of them, the sweep only when the
+        # criterion or the fraction is chosen from it
+        best = section.criterion == "best"
+        criteria = recipe.score.criteria if best else [section.criterion]
+        uses_sweep = best or section.target.max_drop is not None
         return {
             "prune": recipe.section("prune"),
             "repair": recipe.section("repair"),
             "evaluate": recipe.section("evaluate"),
-            "scores": {c: ctx.records[f"score-{c}"].fingerprint for c in recipe.score.criteria},
-            "sweep": ctx.records["sweep"].fingerprint if "sweep" in ctx.records else None,
+            "files": ctx.digests(
+                *(f"scores/{c}.json" for c in criteria),
+                *(["sweep.json"] if uses_sweep and recipe.sweep is not None else []),
+                "dense.json",
+            ),
             **ctx.common(),
         }
 
@@ -65,13 +74,13 @@ class PruneStage(Stage):
         )
         dense_metrics = DenseRun.load(ctx.out / "dense.json").metrics
         metrics = {"dense": dense_metrics, **outcome.metrics}
-        files = ["prune.json", "model/config.json"]
+        files = ["prune.json"]
         repair = None
         if outcome.repair is not None:
             if ctx.main:
                 outcome.repair.save(ctx.out / "repair.json")
             files.append("repair.json")
-            repair = RepairSummary(outcome.repair.examples, outcome.repair.seconds, len(outcome.repair.layers))
+            repair = RepairSummary(outcome.repair.examples, None, len(outcome.repair.layers))
         ctx.log(f"[prune] dense {metrics_text(dense_metrics)}")
         ctx.log(f"[prune] pruned {metrics_text(metrics['pruned'])}")
         if "repaired" in metrics:
@@ -91,4 +100,5 @@ class PruneStage(Stage):
             probe = next(iter(ctx.batches(data.select(range(min(16, len(data)))), 16, keep_labels=False)))
             run.reload_max_abs_diff = save_checked(outcome.model, ctx.out / "model", tokenizer, probe)
             run.save(ctx.out / "prune.json")
+            files += folder_files(ctx, "model")
         return StageResult({"criterion": decision.criterion, "heads_removed": removed}, files)

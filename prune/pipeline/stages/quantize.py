@@ -25,10 +25,9 @@ class QuantizeStage(Stage):
         return "compress/healed" if ctx.recipe.heal is not None else "compress/model"
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
-        upstream = "heal" if ctx.recipe.heal is not None else "compress"
         return {
             "quantize": ctx.recipe.section("quantize"),
-            "model": ctx.records[upstream].fingerprint,
+            "compressed": ctx.digests(self.source(ctx) + "/"),
             "evaluate": ctx.recipe.section("evaluate"),
             "cost": ctx.recipe.section("cost"),
             **ctx.common(),

@@ -18,7 +18,7 @@ class ReportStage(Stage):
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         return {
             "report": ctx.recipe.section("report"),
-            "upstream": {name: record.fingerprint for name, record in ctx.records.items()},
+            "files": ctx.digests(*sorted({f for record in ctx.records.values() for f in record.files})),
             "title": ctx.recipe.title,
         }
 
@@ -30,7 +30,7 @@ class ReportStage(Stage):
             title=ctx.recipe.title,
             recipe=ctx.recipe.to_dict(),
             command=ctx.command,
-            timings={name: (record.seconds, record.cpu_seconds) for name, record in ctx.records.items()},
+            timings={name: (t.seconds, t.cpu_seconds) for name, t in ctx.timings.items() if name in ctx.records},
             environment=ctx.environment(),
             files={f for record in ctx.records.values() for f in record.files},
         )

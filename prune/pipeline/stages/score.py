@@ -11,7 +11,6 @@ process ``k % N``).
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,6 @@ class ScoreStage(Stage):
         model, _ = ctx.dense
         relative = f"scores/{name}.json"
         path = ctx.out / relative
-        started = time.perf_counter()
         criterion = make_criterion(name, **self.options)
         if not criterion.needs_data:
             if ctx.main:
@@ -99,7 +97,6 @@ class ScoreStage(Stage):
             split=recipe.score.split,
             shards=n_shards,
             shard_size=size,
-            seconds_this_run=round(time.perf_counter() - started, 3),
         )
         scores.save(path)
         outputs = {

@@ -3,6 +3,11 @@
 Points are dealt out round-robin to the processes and saved one file each
 (``sweep/<criterion>-<fraction>.json``), so a killed sweep resumes point by point; the main
 process gathers them into the curves of ``sweep.json`` (:class:`~prune.workflow.SweepResult`).
+
+Each point file carries the fingerprint of what that one point depends on -- its criterion's
+scores (content hash), its fraction, the sweep's rows, metric and batch size, the model and the
+data -- not the list of fractions: adding fractions computes only the new points, and a point
+whose criterion's scores did not change is reused.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from attribution.scores import HeadScores
 from prune.metrics import compute_metrics
 from prune.pipeline.artifacts import SweepPointRecord
 from prune.pipeline.context import RunContext
+from prune.pipeline.fingerprints import fingerprint as fingerprint_of
 from prune.pipeline.stage import Stage, StageResult
 from prune.workflow import CurvePoint, SweepResult, head_counts, sweep_point
 
@@ -42,7 +48,7 @@ class SweepStage(Stage):
         recipe = ctx.recipe
         return {
             "sweep": recipe.section("sweep"),
-            "scores": {c: ctx.records[f"score-{c}"].fingerprint for c in recipe.score.criteria},
+            "scores": ctx.digests(*(f"scores/{c}.json" for c in recipe.score.criteria)),
             "score_rows": [recipe.score.split, recipe.score.examples],  # sweep rows avoid them
             "min_heads_per_layer": recipe.prune.min_heads_per_layer if recipe.prune else 0,
             **ctx.common(),
@@ -66,17 +72,32 @@ class SweepStage(Stage):
 
         items: list[tuple[str, float]] = [("dense", 0.0)] + [(c, f) for c in criteria for f in section.fractions]
         point_dir = ctx.out / "sweep"
-        bar = tqdm(total=len(items), desc="sweep (criterion x fraction)", unit="pt", disable=not ctx.progress)
-        for index, (criterion, fraction) in enumerate(items):
-            path = point_dir / f"{criterion}-{fraction:.4f}.json"
-            if processes.mine(index) and _point(path, fingerprint) is None:
+        inputs = self.inputs(ctx)
+        shared = {k: v for k, v in inputs.items() if k != "scores"}
+        shared["sweep"] = {k: v for k, v in shared["sweep"].items() if k != "fractions"}
+        scores_hash = inputs["scores"]
+        keys = [
+            fingerprint_of({**shared, "criterion": c, "fraction": f, "scores": scores_hash.get(f"scores/{c}.json")})
+            for c, f in items
+        ]
+        reused: list[int] = []
+        if ctx.main:  # one reading of the point files, so every process deals out the same list
+            reused = [i for i, (c, f) in enumerate(items) if _point(point_dir / f"{c}-{f:.4f}.json", keys[i])]
+        reused = processes.broadcast(reused)
+        if reused:
+            ctx.log(f"[sweep] {len(reused)} of {len(items)} points already measured, reused")
+        todo = [i for i in range(len(items)) if i not in reused]
+        bar = tqdm(total=len(todo), desc="sweep (criterion x fraction)", unit="pt", disable=not ctx.progress)
+        for n, index in enumerate(todo):
+            criterion, fraction = items[index]
+            if processes.mine(n):
                 if criterion == "dense":
                     point = CurvePoint(0.0, 0, float(measure(model)))
                 else:
                     point = sweep_point(model, scores[criterion], fraction, measure, min_per_layer=minimum)
                 SweepPointRecord(
-                    fingerprint, criterion, fraction, point.heads_removed, point.metric, point.error
-                ).save(path)
+                    keys[index], criterion, fraction, point.heads_removed, point.metric, point.error
+                ).save(point_dir / f"{criterion}-{fraction:.4f}.json")
             bar.update(1)
         bar.close()
         processes.barrier()
@@ -104,4 +125,5 @@ class SweepStage(Stage):
                 f"{p.fraction:.2f}:{p.metric:.3f}" if p.metric is not None else f"{p.fraction:.2f}:-" for p in curves[c]
             )
             ctx.log(f"[sweep] {c:>9}  {line}")
-        return StageResult({"dense": result.dense}, ["sweep.json"])
+        outputs = {"dense": result.dense, "points_reused": len(reused), "points_computed": len(todo)}
+        return StageResult(outputs, ["sweep.json"])
