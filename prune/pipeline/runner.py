@@ -162,7 +162,7 @@ class Runner:
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         processes.barrier()
         if ctx.main:
-            files = sorted(set(files))
+            files = list(dict.fromkeys(files))
             missing = [f for f in files if not (ctx.out / f).is_file()]
             if missing:
                 raise HeadpruneError(f"stage {name} did not write {missing[0]}")
