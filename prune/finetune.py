@@ -163,6 +163,8 @@ def finetune(
     seed: int = _DEFAULTS.seed,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    mixed_precision: str | None = None,
+    gradient_accumulation_steps: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``base`` on the train split of ``data``, evaluate, and cache the result.
 
@@ -170,6 +172,13 @@ def finetune(
     ``cache_dir()/finetuned/<fingerprint>``. If a model trained with the same arguments is already
     there it is returned with ``cached=True`` and nothing is trained. ``train_examples`` takes the
     first rows of the (shuffled) train split; fewer are used if the split is smaller.
+
+    Training runs on Accelerate's device, data-parallel under ``accelerate launch`` or
+    ``torchrun`` (every process must call this; ``prune.training``). ``mixed_precision`` and
+    ``gradient_accumulation_steps`` say how to compute, not what: the batch size stays
+    ``batch_size`` rows per optimizer step. A mixed precision other than ``"no"`` enters the
+    cache key; the number of processes and of micro-batches do not (they change float summation
+    order only, and with dropout the draws: an equally good model, not the same bits).
     """
     config = FinetuneConfig(
         base,
@@ -181,56 +190,97 @@ def finetune(
         max_length=max_length,
         seed=seed,
     )
-    return run_finetune(config, out_dir=out_dir, progress=progress)
+    return run_finetune(config, out_dir=out_dir, progress=progress, mixed_precision=mixed_precision,
+                        gradient_accumulation_steps=gradient_accumulation_steps)
 
 
 def finetune_default(*, progress: bool = True) -> FinetuneResult:
     """The default classifier (``DEFAULT_FINETUNE_CONFIG``): fine-tuned on first use (~10 minutes
-    on 2 CPU cores), then taken from the cache."""
-    return run_finetune(DEFAULT_FINETUNE_CONFIG, progress=progress)
+    on 2 CPU cores), then taken from the cache. Always in full precision, whatever the launch says,
+    so that "default" is one model."""
+    return run_finetune(DEFAULT_FINETUNE_CONFIG, progress=progress, mixed_precision="no")
 
 
 def run_finetune(
-    config: FinetuneConfig, *, out_dir: str | os.PathLike | None = None, progress: bool = True
+    config: FinetuneConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    mixed_precision: str | None = None,
+    gradient_accumulation_steps: int | None = None,
 ) -> FinetuneResult:
-    """``finetune`` with its arguments as one ``FinetuneConfig``."""
+    """``finetune`` with its arguments as one ``FinetuneConfig``.
+
+    Under several processes every process trains its shard of each batch; only the main one
+    writes the model (atomically, under the lock) while the others wait for it.
+    """
+    from attribution.core import processes
+    from prune.training import resolve_precision
+
     key = config.key()
+    precision = resolve_precision(mixed_precision)
+    if precision != "no":
+        key["mixed_precision"] = precision  # "no" stays out: the key of every full-precision model is as before
     fingerprint = finetune_fingerprint(key)
     final = Path(out_dir).expanduser().resolve() if out_dir is not None else finetuned_path(key)
 
     cached = _read_cached(final, fingerprint)
     if cached is not None:
         return cached
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(final.parent / f".{final.name}.lock"):
-        cached = _read_cached(final, fingerprint)  # another process may have finished meanwhile
-        if cached is not None:
-            return cached
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    main = processes.is_main_process() if processes.is_distributed() else True
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(final.parent / f".{final.name}.lock") if main else contextlib.nullcontext():
+        # another process may have finished meanwhile: the main process decides for all
+        cached = _read_cached(final, fingerprint) if main else None
+        if processes.broadcast(cached is not None):
+            found = cached or _read_cached(final, fingerprint)  # the main process saw it complete
+            if found is None:
+                raise HeadpruneError(f"{final} vanished while the processes were deciding whether to train")
+            return found
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent)) if main else None
+        failure = None
         try:
-            meta = _train(key, config.data, tmp, progress=progress)
+            meta = _train(key, config.data, tmp, progress=progress, mixed_precision=precision,
+                          gradient_accumulation_steps=gradient_accumulation_steps)
             meta["fingerprint"] = fingerprint
-            (tmp / FINETUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-            os.replace(tmp, final)  # atomic: the final directory is complete or absent
+            if tmp is not None:
+                try:
+                    (tmp / FINETUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
+                    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
+                    os.replace(tmp, final)  # atomic: the final directory is complete or absent
+                except OSError as error:
+                    failure = f"cannot save the fine-tuned model to {final}: {error}"
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-    log.info("fine-tuned model saved to %s", final)
+        failure = processes.broadcast(failure)  # the others wait here until the model is saved
+        if failure is not None:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise HeadpruneError(failure)
+    if main:
+        log.info("fine-tuned model saved to %s", final)
     return _result(final, meta, cached=False)
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def _train(config: dict[str, Any], data: DataSpec | str, out: Path, *, progress: bool) -> dict[str, Any]:
+def _train(
+    config: dict[str, Any], data: DataSpec | str, out: Path | None, *, progress: bool, mixed_precision: str,
+    gradient_accumulation_steps: int | None,
+) -> dict[str, Any]:
+    """Train and evaluate (every process); save to ``out`` (the main process: others pass None)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from attribution.core.data import as_spec, iter_batches, label_names, load_splits
+    from attribution.core.data import as_spec, label_names, load_splits
     from attribution.core.predict import predict_logits
     from prune.metrics import compute_metrics
+    from prune.training import DataParallel, make_accelerator
 
     start = time.perf_counter()
     seed, batch_size, max_length = config["seed"], config["batch_size"], config["max_length"]
@@ -241,12 +291,16 @@ def _train(config: dict[str, Any], data: DataSpec | str, out: Path, *, progress:
     n = min(config["train_examples"], len(train))
     train = train.select(range(n))  # the train split is already a seeded shuffle
 
-    torch.manual_seed(seed)  # seeds the fresh classification head
+    accelerator = make_accelerator(mixed_precision, gradient_accumulation_steps)
+    main = accelerator.is_main_process
+    torch.manual_seed(seed)  # seeds the fresh classification head (the same on every process)
     model, tokenizer = _load_base(config["base"], names)
-    log.info(
-        "fine-tuning %s on %s: %d examples, %d epoch(s), %d classes -> %s",
-        config["base"], spec.name, n, config["epochs"], len(names), out.parent,
-    )
+    if main:
+        log.info(
+            "fine-tuning %s on %s: %d examples, %d epoch(s), %d classes, %d process(es) on %s -> %s",
+            config["base"], spec.name, n, config["epochs"], len(names), accelerator.num_processes,
+            accelerator.device.type, out.parent if out is not None else "-",
+        )
 
     decay, no_decay = [], []
     for param in model.parameters():
@@ -258,25 +312,27 @@ def _train(config: dict[str, Any], data: DataSpec | str, out: Path, *, progress:
     steps_per_epoch = math.ceil(n / batch_size)
     total_steps = steps_per_epoch * config["epochs"]
     scheduler = get_linear_schedule_with_warmup(optimizer, int(WARMUP_FRACTION * total_steps), total_steps)
+    trainer = DataParallel(accelerator, model, optimizer, scheduler, tokenizer=tokenizer, max_length=max_length,
+                           max_grad_norm=MAX_GRAD_NORM)
+
+    def loss_fn(net: Any, batch: dict[str, Any]) -> Any:
+        return net(**batch).loss
 
     model.train()
-    bar = tqdm(total=total_steps, desc="fine-tuning", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, desc="fine-tuning", unit="step", disable=not (progress and main))
     running = None
-    for epoch in range(config["epochs"]):
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(n, generator=generator).tolist()
-        for batch in iter_batches(train.select(order), tokenizer, batch_size=batch_size, max_length=max_length):
-            batch.pop("index")
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", epoch=epoch + 1)
-    bar.close()
+    try:
+        for epoch in range(config["epochs"]):
+            generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+            rows = train.select(torch.randperm(n, generator=generator).tolist())
+            for first in range(0, n, batch_size):
+                loss = trainer.step(rows.select(range(first, min(first + batch_size, n))), loss_fn)
+                running = loss if running is None else 0.98 * running + 0.02 * loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}", epoch=epoch + 1)
+    finally:
+        bar.close()
+        trainer.release()
     train_seconds = time.perf_counter() - start
 
     model.eval()
@@ -288,13 +344,15 @@ def _train(config: dict[str, Any], data: DataSpec | str, out: Path, *, progress:
             splits[split],
             batch_size=64,
             max_length=max_length,
-            progress=progress,
+            progress=progress and main,
             desc=f"evaluating {split}",
+            sharded=True,
         )
         metrics[split] = compute_metrics(logits, torch.as_tensor(list(splits[split]["label"])), EVAL_METRICS)
 
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if out is not None:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     import transformers
 
     return {
@@ -309,6 +367,12 @@ def _train(config: dict[str, Any], data: DataSpec | str, out: Path, *, progress:
             "max_grad_norm": MAX_GRAD_NORM,
         },
         "label_names": names,
+        "compute": {
+            "processes": accelerator.num_processes,
+            "device": accelerator.device.type,
+            "mixed_precision": accelerator.mixed_precision,
+            "gradient_accumulation_steps": trainer.micro,
+        },
         "train_examples_used": n,
         "steps": total_steps,
         "final_train_loss": running,

@@ -202,7 +202,7 @@ def test_failed_training_leaves_nothing_behind(
 ) -> None:
     real_train = ft._train
 
-    def crash_after_writing(config, spec, out, *, progress):
+    def crash_after_writing(config, spec, out, **_):
         (out / "partial.bin").write_bytes(b"half a model")
         raise RuntimeError("killed mid-training")
 
@@ -252,7 +252,7 @@ def test_default_is_fine_tuned_on_first_use_then_cached(private_cache: Path, mon
 
     calls = []
 
-    def stand_in(config, data, out, *, progress):
+    def stand_in(config, data, out, **_):
         calls.append(config)
         tiny_model("bert", labels=3).save_pretrained(out)
         tiny_tokenizer(out).save_pretrained(out)

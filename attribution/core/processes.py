@@ -10,6 +10,7 @@ the functions here split the data between the processes and put the results back
   because the shards are contiguous -- padding for the collective and trimming the padding after.
 - ``reduce``: sums ``(sum [L, H], count)`` over processes (the ``reduce`` hook of
   ``attribution.head_importance``), so every process ends with the scores of the whole data set.
+- ``all_sum``: a tensor summed over every process (a training step's loss).
 - ``barrier``, ``broadcast`` (the main process's decision on every process) and ``mine``
   (round-robin ownership of work items) for the recipe runner and ``headprune attribute``.
 
@@ -115,6 +116,15 @@ def reduce(summed: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, tor
     total = accelerate_reduce(summed.to(dev, torch.float64), reduction="sum").cpu()
     n = accelerate_reduce(count.to(dev, torch.float64).reshape(1), reduction="sum").cpu().reshape(())
     return total, n
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over every process (float64 on the CPU); the identity on one process."""
+    if num_processes() == 1:
+        return values
+    from accelerate.utils import reduce as accelerate_reduce
+
+    return accelerate_reduce(values.to(device(), torch.float64), reduction="sum").cpu()
 
 
 def is_distributed() -> bool:

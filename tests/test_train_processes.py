@@ -1,0 +1,190 @@
+"""Training through Accelerate (``prune.training``): on one CPU process a fine-tune is the plain
+PyTorch loop bit for bit; two CPU processes (gloo), and gradient accumulation, give the weights
+of one process (dropout off) within 1e-6; only the main process writes the model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from attribution.core.errors import HeadpruneError
+from prune.finetune import MAX_GRAD_NORM, WARMUP_FRACTION, WEIGHT_DECAY, finetune
+
+WORDS = "good great fine nice bad awful poor sad the movie plot was very".split()
+ROWS = 89  # 11 batches of 8 and a last one of 1 row: one process gets an empty shard of it
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 2-layer BERT without dropout (exact comparisons) and its tokenizer, saved; a CSV of
+    labelled rows whose label is the sentiment word they contain."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    BertModel(config).save_pretrained(folder)
+    data = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with data.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(150):
+            positive = i % 2 == 0
+            word = (WORDS[:4] if positive else WORDS[4:8])[i % 4]
+            filler = " ".join(WORDS[8 + (i + j) % 5] for j in range(i % 6))
+            writer.writerow([f"{filler} {word}".strip(), "pos" if positive else "neg"])
+    return folder, data
+
+
+def options(base: Path, data: Path, out: Path, **extra) -> dict:
+    return dict(base=str(base), data=str(data), train_examples=ROWS, epochs=2, lr=1e-3, batch_size=8,
+                max_length=16, seed=3, out_dir=out, progress=False, **extra)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def plain_loop(base: Path, data: Path) -> dict[str, torch.Tensor]:
+    """The fine-tune written as the plain PyTorch loop it was before Accelerate (an independent
+    implementation of the recipe: AdamW, warmup and linear decay, clipping, seeded epochs)."""
+    import dataclasses
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+    from attribution.core.data import as_spec, iter_batches, label_names, load_splits
+
+    spec = dataclasses.replace(as_spec(str(data)), max_length=16)
+    splits = load_splits(spec)
+    train = splits["train"].select(range(ROWS))
+    names = label_names(splits)
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
+    )
+    total = 2 * math.ceil(ROWS / 8)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(WARMUP_FRACTION * total), total)
+    model.train()
+    for epoch in range(2):
+        order = torch.randperm(ROWS, generator=torch.Generator().manual_seed(3 * 1000 + epoch)).tolist()
+        for batch in iter_batches(train.select(order), tokenizer, batch_size=8, max_length=16):
+            batch.pop("index")
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {name: value.detach() for name, value in model.state_dict().items()}
+
+
+def test_one_process_is_the_plain_loop_bit_for_bit(tiny, tmp_path):
+    base, data = tiny
+    result = finetune(**options(base, data, tmp_path / "model"))
+    trained, plain = weights(result.path), plain_loop(base, data)
+    assert trained.keys() <= plain.keys()
+    for name, value in trained.items():
+        assert torch.equal(value, plain[name]), name
+    meta = json.loads((result.path / "headprune_finetune.json").read_text())
+    compute = {"processes": 1, "device": "cpu", "mixed_precision": "no", "gradient_accumulation_steps": 1}
+    assert meta["compute"] == compute
+
+
+def test_gradient_accumulation_gives_the_same_weights(tiny, tmp_path):
+    """3 micro-batches per step (some empty in the last batch) = 1, up to float summation order;
+    the global batch size and the schedule do not change, and neither does the cache key."""
+    base, data = tiny
+    one = finetune(**options(base, data, tmp_path / "one"))
+    three = finetune(**options(base, data, tmp_path / "three", gradient_accumulation_steps=3))
+    assert one.fingerprint == three.fingerprint
+    a, b = weights(one.path), weights(three.path)
+    moved = max(float((a[k] - weights_base(base).get(k, a[k])).abs().max()) for k in a)
+    assert moved > 1e-3  # training did move the weights: the comparison below means something
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+def weights_base(base: Path) -> dict[str, torch.Tensor]:
+    """The base encoder's weights under the classifier's parameter names."""
+    return {f"bert.{name}": value for name, value in weights(base).items()}
+
+
+def test_bad_compute_options_are_one_line_errors(tiny, tmp_path):
+    base, data = tiny
+    with pytest.raises(HeadpruneError, match="mixed_precision must be one of no, bf16, fp16"):
+        finetune(**options(base, data, tmp_path / "m", mixed_precision="fp32"))
+    with pytest.raises(HeadpruneError, match="gradient_accumulation_steps must be an integer of at least 1"):
+        finetune(**options(base, data, tmp_path / "m", gradient_accumulation_steps=0))
+    assert not (tmp_path / "m").exists()
+
+
+def _reset_accelerate() -> None:
+    """Forget Accelerate's process state (a forked worker inherits the test process's)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+    GradientState._reset_state()
+
+
+def _worker(base: str, data: str, out: str) -> None:
+    _reset_accelerate()
+    torch.set_num_threads(1)
+    from attribution.core import processes
+
+    rank = processes.process_index()
+    result = finetune(**options(Path(base), Path(data), Path(out) / "two", gradient_accumulation_steps=2))
+    # the main process saved the model before any process returned
+    seen = sorted(p.name for p in result.path.iterdir())
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "processes": processes.num_processes(), "path": str(result.path), "seen": seen,
+        "metrics": result.metrics, "cached": result.cached,
+    }))
+
+
+def test_two_processes_equal_one(tiny, tmp_path):
+    from accelerate import debug_launcher
+
+    base, data = tiny
+    debug_launcher(_worker, args=(str(base), str(data), str(tmp_path)), num_processes=2)
+    _reset_accelerate()
+    single = finetune(**options(base, data, tmp_path / "one"))
+    two = json.loads((tmp_path / "rank0.json").read_text())
+    other = json.loads((tmp_path / "rank1.json").read_text())
+    assert (two["processes"], two["rank"], other["rank"]) == (2, 0, 1)
+    assert two["path"] == other["path"] == str(tmp_path / "two")
+    assert "model.safetensors" in other["seen"] and "headprune_finetune.json" in other["seen"]
+    assert not two["cached"] and not other["cached"]
+    assert two["metrics"] == other["metrics"]  # evaluation gathered from both shards
+    meta = json.loads((tmp_path / "two" / "headprune_finetune.json").read_text())
+    assert meta["compute"]["processes"] == 2 and meta["compute"]["gradient_accumulation_steps"] == 2
+    assert meta["fingerprint"] == single.fingerprint and meta["steps"] == 2 * math.ceil(ROWS / 8)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+    a, b = weights(single.path), weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    assert two["metrics"]["validation"]["accuracy"] == pytest.approx(single.metrics["validation"]["accuracy"])
