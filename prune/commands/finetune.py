@@ -1,4 +1,9 @@
-"""``headprune finetune``: fine-tune a sequence classifier, or find it already cached."""
+"""``headprune finetune``: fine-tune a sequence classifier, or find it already cached.
+
+On several processes or GPUs, data-parallel (each process its shard of every batch)::
+
+    accelerate launch --multi_gpu --num_processes 4 -m prune.cli finetune --base bert-base-uncased --data glue:sst2
+"""
 
 from __future__ import annotations
 
@@ -46,11 +51,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where to save the model (default: the headprune cache, keyed by the arguments)",
     )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        default=None,
+        help="autocast precision (fp16 needs a GPU); default: what `accelerate launch --mixed_precision` says, else no",
+    )
+    parser.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split each process's share of a batch into N micro-batches (less memory; same batch size and model)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     """Fine-tune (or reuse the cache) and print where the model is and how well it does."""
+    from attribution.core import processes
     from attribution.core.data import DataSpec
     from prune.finetune import finetune
 
@@ -73,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         out_dir=args.out,
         progress=not args.quiet,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
+    if processes.is_distributed() and not processes.is_main_process():
+        return 0  # one report, from the main process
     print(f"model: {result.path}")
     for split in ("validation", "test"):
         values = result.metrics.get(split, {})

@@ -1,4 +1,7 @@
-"""``finetune``: resolve the model; with a finetune section (or ``model: default``), a cached fine-tune."""
+"""``finetune``: resolve the model; with a finetune section (or ``model: default``), a cached fine-tune.
+
+Every process runs it: a fine-tune that is not cached yet is data-parallel over the processes of a
+launch (``prune.training``), and the main process alone writes the model and ``finetune.json``."""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from prune.pipeline.stage import Stage, StageResult
 class FinetuneStage(Stage):
     name = "finetune"
     writes = ("finetune.json",)
-    main_only = True
 
     @classmethod
     def plan(cls, ctx: RunContext) -> list[Stage]:
@@ -60,7 +62,8 @@ class FinetuneStage(Stage):
             path = Path(result.path)
         meta = read_json(path / FINETUNE_META) if (path / FINETUNE_META).is_file() else {}
         run = FinetuneRun(str(path), meta.get("seconds"), meta.get("metrics"), meta.get("config"))
-        run.save(ctx.out / "finetune.json")
+        if ctx.main:
+            run.save(ctx.out / "finetune.json")
         outputs = {"path": run.path, "train_seconds": run.train_seconds, "metrics": run.metrics, "config": run.config}
         return StageResult(outputs, ["finetune.json"])
 
