@@ -1,5 +1,11 @@
 """Export a (pruned) classifier to ONNX, check it in onnxruntime, and time it.
 
+:func:`export_directory` writes the layout ONNX Runtime users and Optimum expect: a directory with
+``model.onnx``, the model's ``config.json`` and the tokenizer files (Optimum's
+``ORTModelForSequenceClassification.from_pretrained(directory)`` and a plain
+``AutoTokenizer.from_pretrained(directory)`` + ``onnxruntime.InferenceSession`` read it); the INT8
+model of ``prune.quantize`` goes beside it as ``model_quantized.onnx``, Optimum's name.
+
 The graph takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has
 them), each ``[batch, sequence]`` with both axes dynamic, and returns ``logits [batch, classes]``.
 It is exported with the TorchScript-based exporter (``dynamo=False``; the dynamo exporter needs
@@ -16,9 +22,13 @@ trace to zero-width matmuls plus the output bias, which onnxruntime runs too (te
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +43,8 @@ from attribution.core.errors import HeadpruneError
 from attribution.core.io import Record, atomic_output
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+ONNX_FILE = "model.onnx"
+QUANTIZED_FILE = "model_quantized.onnx"  # Optimum's ORTQuantizer name: <stem>_quantized.onnx
 
 
 @dataclass
@@ -264,3 +276,69 @@ def export_and_check(
         sequence_length=length,
         threads=threads or torch.get_num_threads(),
     )
+
+
+def export_directory(
+    model: PreTrainedModel,
+    directory: str | os.PathLike[str],
+    tokenizer: Any = None,
+    **options: Any,
+) -> OnnxExport:
+    """Export ``model`` to the directory ``directory``: ``model.onnx`` (checked and timed by
+    :func:`export_and_check`, which receives ``options``), the model's ``config.json`` and, when
+    given, the tokenizer's files. Returns the record, whose ``path`` is ``directory/model.onnx``.
+
+    The directory is built next to its final place and renamed into it: an existing directory is
+    replaced only by a complete export, and only when it is an earlier export (it holds
+    ``model.onnx``) or empty; anything else, and a path ending in ``.onnx``, is refused (the export
+    is a directory, not a file). The config keeps headprune's records of the kept heads and neurons
+    (informative: nothing in the directory needs them) and drops any ``auto_map``, whose modeling
+    file the directory does not carry.
+    """
+    final = Path(directory).expanduser().resolve()
+    check_export_directory(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        result = export_and_check(model, tmp / ONNX_FILE, **options)
+        model.config.save_pretrained(tmp)
+        config_file = tmp / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.pop("auto_map", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dataclasses.replace(result, path=str(final / ONNX_FILE))
+
+
+def check_export_directory(directory: str | os.PathLike[str]) -> Path:
+    """``directory`` if it may receive an ONNX export directory; otherwise a one-line
+    ``HeadpruneError``: a path ending in ``.onnx`` (since the export became a directory, pass the
+    directory: ``--out onnx/`` writes ``onnx/model.onnx``), a file, or a directory holding other things."""
+    path = Path(directory)
+    if path.suffix.lower() == ".onnx" and not path.is_dir():
+        folder = path.with_suffix("")
+        raise HeadpruneError(
+            f"{path} names a file, but the ONNX export is a directory ({ONNX_FILE}, config.json and the "
+            f"tokenizer files): pass a directory, e.g. {folder}/ (writes {folder / ONNX_FILE})"
+        )
+    if path.exists() and not path.is_dir():
+        raise HeadpruneError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / ONNX_FILE).is_file():
+        raise HeadpruneError(
+            f"{path} is not empty and holds no {ONNX_FILE}: it is not an earlier export, so it is not replaced; "
+            "choose another directory"
+        )
+    return path

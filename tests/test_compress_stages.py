@@ -43,7 +43,8 @@ def test_every_compression_stage_runs_and_writes_its_files(compressed):
     _, out, result = compressed
     assert result.ran == STAGES
     for name in ("head-scores.json", "neuron-scores.json", "latency.json", "compress.json", "frontier.json",
-                 "heal.json", "model/config.json", "healed/config.json", "quantize.json", "onnx/model-int8.onnx"):
+                 "heal.json", "model/config.json", "healed/config.json", "quantize.json", "onnx/model.onnx",
+                 "onnx/model_quantized.onnx", "onnx/config.json", "onnx/tokenizer.json"):
         assert (out / "compress" / name).is_file(), name
     assert not (out / "compress" / "heal").exists()  # the heal's resume state is removed once done
     assert "Compression" in (out / "report.md").read_text()

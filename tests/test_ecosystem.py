@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import BertTokenizerFast
 
 from attribution import instrument
 from prune import modeling_headprune
@@ -21,7 +22,7 @@ from prune.checkpoints import load_model, save_pruned
 from prune.remote_code import AUTO_MAP_KEY, MODELING_FILE, auto_map, is_headprune_remote_code
 from prune.surgery import remove_heads, remove_neurons
 from tests.conftest import FAMILIES, tiny_model
-from tests.prune_helpers import sensitive, tiny_tokenizer
+from tests.prune_helpers import SPECIAL, WORDS, sensitive, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10 w11", "w12 w13"]
@@ -31,14 +32,19 @@ def pruned_dir(tmp_path: Path, family: str = "bert", *, remote_code: bool = Fals
     """A tiny pruned checkpoint with uneven heads, one layer without heads, uneven neurons and one
     layer without neurons (3 layers, 4 heads, 37 neurons), saved with its tokenizer."""
     model = sensitive(tiny_model(family, layers=3, heads=4), seed=1)
-    tokenizer = tiny_tokenizer(tmp_path / "tok")
-    if family == "distilbert":  # as DistilBERT's own tokenizers: no token_type_ids
-        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    tokenizer = tiny_tokenizer(tmp_path / "tok") if family != "distilbert" else tokenizer_without_token_types()
     remove_heads(model, {0: [1, 3], 1: [0, 1, 2, 3], 2: [2]})
     remove_neurons(model, {0: list(range(0, 37, 3)), 1: list(range(20)), 2: list(range(37))})
     assert instrument.heads_per_layer(model) == [2, 0, 3]
     assert instrument.neurons_per_layer(model) == [24, 17, 0]
     return save_pruned(model, tmp_path / name, tokenizer, remote_code=remote_code)
+
+
+def tokenizer_without_token_types() -> BertTokenizerFast:
+    """The tiny models' tokenizer making only input_ids and attention_mask (as DistilBERT's and
+    RoBERTa's own tokenizers do)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    return BertTokenizerFast(vocab=vocab, do_lower_case=False, model_input_names=["input_ids", "attention_mask"])
 
 
 def softmax_of(model, tokenizer, texts: list[str]) -> torch.Tensor:
@@ -236,3 +242,65 @@ def test_readme_pipeline_snippet_runs_as_written(tmp_path, monkeypatch):
     probabilities = softmax_of(model, tokenizer, ["leave us stranded ... appalling."])[0]
     assert top["label"] == model.config.id2label[int(probabilities.argmax())]
     assert abs(top["score"] - float(probabilities.max())) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# The ONNX directory
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_readme_onnxruntime_snippet_runs_on_an_exported_directory(tmp_path, monkeypatch, capsys, family):
+    pytest.importorskip("onnxruntime")
+    from prune.cli import main
+
+    (block,) = readme_blocks("ort.InferenceSession(")
+    directory = pruned_dir(tmp_path, family)
+    if family == "roberta":  # as RoBERTa's own tokenizers: no token_type_ids, though the model takes them
+        tokenizer_without_token_types().save_pretrained(directory)
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--model", str(directory), "--format", "onnx", "--out", "onnx/"]) == 0
+    assert "config.json and the tokenizer files" in capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    assert {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(names)
+    assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")]
+
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own snippet
+    model, tokenizer = load_model(directory)
+    texts = ["what a great day", "leave us stranded"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if family == "roberta":  # the snippet's zeros branch ran
+        assert "token_type_ids" not in namespace["batch"]
+        assert "token_type_ids" in [i.name for i in namespace["session"].get_inputs()]
+    got = torch.from_numpy(namespace["logits"])
+    assert got.shape == expected.shape == (2, model.config.num_labels)
+    assert torch.allclose(got, expected, atol=1e-4)
+    config = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert config["headprune_kept_heads"] == instrument.kept_heads(model) and AUTO_MAP_KEY not in config
+
+
+def test_export_directory_drops_the_auto_map_and_replaces_only_an_earlier_export(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from attribution.core.errors import HeadpruneError
+    from prune.export import QUANTIZED_FILE, export_directory
+
+    model, tokenizer = load_model(pruned_dir(tmp_path, remote_code=True))
+    assert getattr(model.config, AUTO_MAP_KEY, None) is not None
+    first = export_directory(model, tmp_path / "onnx", tokenizer)
+    assert first.path == str(tmp_path / "onnx" / "model.onnx")
+    assert AUTO_MAP_KEY not in json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert not (tmp_path / "onnx" / MODELING_FILE).exists()
+    (tmp_path / "onnx" / QUANTIZED_FILE).write_bytes(b"stale")  # an earlier export's INT8 model
+    export_directory(model, tmp_path / "onnx")  # replaced as a whole: nothing stale survives
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["config.json", "model.onnx"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(HeadpruneError, match="holds no model.onnx"):
+        export_directory(model, tmp_path / "mine")
+    with pytest.raises(HeadpruneError, match="is a directory"):
+        export_directory(model, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

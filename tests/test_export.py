@@ -46,14 +46,32 @@ def test_onnx_matches_pytorch_for_pruned_model_with_an_empty_layer(tmp_path, fam
         torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=0)
 
 
+def test_export_out_must_be_a_directory_not_a_file_name(tmp_path, capsys):
+    save_pruned(_pruned(), tmp_path / "model")
+    capsys.readouterr()  # transformers' save progress bar
+    command = ["export", "--model", str(tmp_path / "model"), "--format", "onnx", "--out"]
+    assert main([*command, str(tmp_path / "model.onnx")]) == 2
+    error = capsys.readouterr().err
+    assert "is a directory" in error and f"{tmp_path / 'model'}/" in error and len(error.strip().splitlines()) == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main([*command, str(tmp_path / "other")]) == 2
+    assert "holds no model.onnx" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "other"]  # nothing written
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
 def test_reloaded_checkpoint_exports_through_the_cli(tmp_path, capsys):
     model = _pruned()
     save_pruned(model, tmp_path / "model")
     reloaded, _ = load_model(tmp_path / "model", tokenizer=False)
-    out = tmp_path / "exported" / "model.onnx"
-    assert main(["export", "--model", str(tmp_path / "model"), "--format", "onnx", "--out", str(out)]) == 0
+    folder = tmp_path / "exported"
+    assert main(["export", "--model", str(tmp_path / "model"), "--format", "onnx", "--out", str(folder)]) == 0
     printed = capsys.readouterr().out
+    out = folder / export.ONNX_FILE
     assert "max |onnx - torch|" in printed and out.is_file()
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.onnx"]  # no tokenizer saved
+    assert "no tokenizer found" in printed
     batch = padded_batch(batch=4, length=9, seed=7)
     batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
     got = export.onnx_logits(export.onnx_session(out), batch)

@@ -1,4 +1,8 @@
-"""``headprune export``: a (pruned) model directory to ONNX, checked in onnxruntime."""
+"""``headprune export``: a (pruned) model to an ONNX directory, checked in onnxruntime.
+
+``--out DIR`` receives ``model.onnx``, ``config.json`` and the tokenizer files (the layout of ONNX
+Runtime users and Optimum); a path ending in ``.onnx`` is refused with a hint, since the export
+became a directory (``--out onnx/`` writes ``onnx/model.onnx``)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a model directory (pruned or dense), 'default', 'minilm' or a hub id",
     )
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: %(default)s)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="where to write, e.g. model.onnx")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the directory to write: model.onnx, config.json and the tokenizer files (a new or empty "
+        "directory, or an earlier export, which is replaced)",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument(
         "--atol",
@@ -31,20 +41,37 @@ def run(args: argparse.Namespace) -> int:
     """Export, check against PyTorch, print the file, the difference and (optionally) latency."""
     from attribution.core.errors import HeadpruneError
     from attribution.instrument import kept_heads
-    from prune.checkpoints import load_model
-    from prune.export import example_batch, export_and_check
+    from prune.export import check_export_directory, example_batch, export_directory
 
     if args.opset < 14:
         raise HeadpruneError(f"--opset must be at least 14, got {args.opset}")
-    model, _ = load_model(args.model, tokenizer=False)
+    check_export_directory(args.out)  # before loading: a wrong --out fails at once
+    model, tokenizer = _model_and_tokenizer(args.model)
     latency = None
     if args.latency:
         latency = {size: example_batch(model, batch_size=size, length=64, padded=False) for size in (1, 32)}
-    result = export_and_check(model, args.out, opset=args.opset, atol=args.atol, latency_batches=latency)
+    result = export_directory(model, args.out, tokenizer, opset=args.opset, atol=args.atol, latency_batches=latency)
     heads = sum(len(k) for k in kept_heads(model))
     print(f"wrote {result.path} ({result.file_bytes / 1e6:.1f} MB, opset {result.opset}, {heads} heads)")
+    beside = "config.json and the tokenizer files" if tokenizer is not None else "config.json (no tokenizer found)"
+    print(f"beside it: {beside}")
     print(f"inputs: {', '.join(result.inputs)} (dynamic batch and sequence axes)")
     print(f"max |onnx - torch| logit difference: {result.max_abs_diff:.2e} on {result.checked_examples} examples")
     for size, ms in result.latency_ms.items():
         print(f"onnxruntime latency, batch {size} x {result.sequence_length} tokens: {ms:.1f} ms")
     return 0
+
+
+def _model_and_tokenizer(name: str) -> tuple[object, object | None]:
+    """The model and its tokenizer, or None for the tokenizer (with a warning) when the model has
+    none: the export is still useful, but the directory then lacks the tokenizer files."""
+    from attribution.core.errors import HeadpruneError
+    from attribution.core.log import get_logger
+    from prune.checkpoints import load_model
+
+    try:
+        return load_model(name)
+    except HeadpruneError as error:
+        model, _ = load_model(name, tokenizer=False)  # a problem with the model itself raises here
+        get_logger("export").warning("exporting without a tokenizer: %s", error)
+        return model, None

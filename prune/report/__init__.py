@@ -60,7 +60,7 @@ def _reload_blocks(out: Path, run: RunFiles, recipe: dict[str, Any] | None) -> l
             "code",
             "bash",
             f"headprune evaluate --model {model_dir} --data {data} --split {prune.split} --max-length {max_length}\n"
-            f"headprune export --model {model_dir} --format onnx --out model.onnx",
+            f"headprune export --model {model_dir} --format onnx --out onnx/",
         ),
         (
             "p",
@@ -81,13 +81,13 @@ def _reload_blocks(out: Path, run: RunFiles, recipe: dict[str, Any] | None) -> l
         onnx_path = (out / onnx["pruned"].path).resolve()
         names = ", ".join(f'"{n}"' for n in onnx["pruned"].inputs)
         blocks += [
-            ("p", "ONNX Runtime (dynamic batch and sequence axes):"),
+            ("p", "ONNX Runtime (dynamic batch and sequence axes; the tokenizer is saved beside the model):"),
             (
                 "code",
                 "python",
                 "import onnxruntime as ort\nfrom transformers import AutoTokenizer\n\n"
                 f'session = ort.InferenceSession("{onnx_path}")\n'
-                f'tokenizer = AutoTokenizer.from_pretrained("{model_dir}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{onnx_path.parent}")\n'
                 'batch = tokenizer(["what a great day"], return_tensors="np")\n'
                 f'logits = session.run(["logits"], {{name: batch[name] for name in ({names})}})[0]',
             ),

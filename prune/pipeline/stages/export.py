@@ -1,4 +1,5 @@
-"""``export``: ONNX files of the pruned (and dense) model, checked against PyTorch and timed."""
+"""``export``: ONNX directories of the pruned (``onnx/``) and dense (``onnx-dense/``) model, each
+``model.onnx`` + ``config.json`` + the tokenizer files, checked against PyTorch and timed."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from prune.pipeline.stage import Stage, StageResult
 class ExportStage(Stage):
     name = "export"
     reads = ("prune",)
-    writes = ("export.json", "onnx/model.onnx", "onnx/dense.onnx")
+    writes = ("export.json", "onnx/model.onnx", "onnx/config.json", "onnx-dense/model.onnx", "onnx-dense/config.json")
     main_only = True
 
     @classmethod
@@ -34,7 +35,7 @@ class ExportStage(Stage):
 
     def run(self, ctx: RunContext, fingerprint: str) -> StageResult:
         from prune.checkpoints import load_model
-        from prune.export import export_and_check
+        from prune.export import ONNX_FILE, export_directory
 
         recipe = ctx.recipe
         section = recipe.export
@@ -44,16 +45,18 @@ class ExportStage(Stage):
         threads = recipe.cost.threads if recipe.cost else None
         targets = []
         if recipe.prune is not None:
-            targets.append(("pruned", "model.onnx"))
+            targets.append(("pruned", "onnx"))
         if section.dense:
-            targets.append(("dense", "dense.onnx"))
+            targets.append(("dense", "onnx-dense"))
+        dense, tokenizer = ctx.dense
         models: dict[str, OnnxExport] = {}
-        for label, filename in targets:
-            model = load_model(str(ctx.out / "model"), tokenizer=False)[0] if label == "pruned" else ctx.dense[0]
-            path = ctx.out / "onnx" / filename
-            exported = export_and_check(
+        files = ["export.json"]
+        for label, folder in targets:
+            model = load_model(str(ctx.out / "model"), tokenizer=False)[0] if label == "pruned" else dense
+            exported = export_directory(
                 model,
-                path,
+                ctx.out / folder,
+                tokenizer,
                 opset=section.opset,
                 check_batches=check,
                 latency_batches=ctx.timing_batches,
@@ -61,10 +64,11 @@ class ExportStage(Stage):
                 atol=section.atol,
                 threads=threads,
             )
-            models[label] = dataclasses.replace(exported, path=str(path.relative_to(ctx.out)))
+            models[label] = dataclasses.replace(exported, path=f"{folder}/{ONNX_FILE}")
+            files += [f"{folder}/{ONNX_FILE}", f"{folder}/config.json"]
             timing = ", ".join(f"b={b}: {ms:.1f} ms" for b, ms in exported.latency_ms.items())
             ctx.log(
                 f"[export] {label}: {models[label].path}, max |onnx - torch| {exported.max_abs_diff:.1e}; {timing}"
             )
         ExportRun(models).save(ctx.out / "export.json")
-        return StageResult({}, ["export.json", *(m.path for m in models.values())])
+        return StageResult({}, files)

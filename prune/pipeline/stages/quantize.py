@@ -1,6 +1,8 @@
 """``quantize``: the final compressed (and healed) model exported to ONNX, checked against
 PyTorch, dynamically quantized to INT8 with ONNX Runtime, evaluated through ONNX Runtime on the
-evaluation rows, and timed beside dense FP32 PyTorch on the same batches (``compress/onnx/``)."""
+evaluation rows, and timed beside dense FP32 PyTorch on the same batches. ``compress/onnx/`` is an
+ONNX directory as Optimum lays it out: ``model.onnx``, ``model_quantized.onnx``, ``config.json``
+and the tokenizer files."""
 
 from __future__ import annotations
 
@@ -18,7 +20,12 @@ class QuantizeStage(Stage):
     name = "quantize"
     section = "quantize"
     reads = ("compress", "heal")
-    writes = ("compress/quantize.json", "compress/onnx/model.onnx", "compress/onnx/model-int8.onnx")
+    writes = (
+        "compress/quantize.json",
+        "compress/onnx/model.onnx",
+        "compress/onnx/model_quantized.onnx",
+        "compress/onnx/config.json",
+    )
     main_only = True
 
     def source(self, ctx: RunContext) -> str:
@@ -37,7 +44,7 @@ class QuantizeStage(Stage):
         from attribution.core.processes import torch_threads
         from prune.checkpoints import load_model
         from prune.cost import measure_latency
-        from prune.export import export_and_check
+        from prune.export import ONNX_FILE, QUANTIZED_FILE, export_directory
         from prune.quantize import quantize_and_check
 
         evaluation, section = ctx.recipe.evaluate, ctx.recipe.quantize
@@ -48,9 +55,9 @@ class QuantizeStage(Stage):
         check = list(ctx.batches(data.select(range(min(32, len(data)))), 16, keep_labels=False))
         count = threads(ctx)
         repeats = ctx.recipe.cost.repeats if ctx.recipe.cost else 10
-        export_and_check(model, folder / "model.onnx", check_batches=check, threads=count)
+        export_directory(model, folder, tokenizer, check_batches=check, threads=count)
         result = quantize_and_check(
-            folder / "model.onnx", folder / "model-int8.onnx", tokenizer, data,
+            folder / ONNX_FILE, folder / QUANTIZED_FILE, tokenizer, data,
             latency_batches=ctx.timing_batches, threads=count, per_channel=section.per_channel,
             metrics=evaluation.metrics, batch_size=evaluation.batch_size, max_length=ctx.spec.max_length,
             repeats=repeats, progress=ctx.progress,
