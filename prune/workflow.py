@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
@@ -24,6 +24,9 @@ from attribution.core.errors import HeadpruneError
 from attribution.core.io import Record
 from attribution.scores import HeadScores
 from prune.strategies import select_heads
+
+if TYPE_CHECKING:
+    from attribution.core.data import DataSpec
 
 Heads = dict[int, list[int]]
 Metrics = dict[str, float]
@@ -306,7 +309,7 @@ def prune_checkpoint(
     min_per_layer: int = 0,
     repair: bool = False,
     evaluate: bool = False,
-    data: str = "tweets",
+    data: DataSpec | str = "tweets",
     metric: str = "accuracy",
     eval_split: str = "validation",
     eval_examples: int = 1000,
@@ -328,7 +331,7 @@ def prune_checkpoint(
     """
     import time
 
-    from attribution.core.data import DataSpec, iter_batches, load_splits
+    from attribution.core.data import as_spec, iter_batches, load_splits
     from prune.checkpoints import load_model, save_pruned
     from prune.evaluate import evaluate as evaluate_metrics
     from prune.metrics import compute_metrics
@@ -345,11 +348,11 @@ def prune_checkpoint(
     check_scores(scores, dense)
     _, _, kept_before = head_counts(dense)
     measured = evaluate or iterative or repair
-    splits = load_splits(DataSpec(name=data, max_length=max_length)) if measured else None
+    splits = load_splits(replace(as_spec(data), max_length=max_length)) if measured else None
     eval_set = None
     if splits is not None:
         if eval_split not in splits:
-            raise HeadpruneError(f"no split {eval_split!r} in {data}")
+            raise HeadpruneError(f"no split {eval_split!r} in {as_spec(data).name}")
         eval_set = splits[eval_split].select(range(min(eval_examples, len(splits[eval_split]))))
 
     def metric_of(m: PreTrainedModel) -> float:
@@ -450,7 +453,7 @@ def heal_checkpoint(
     out: str | Path,
     *,
     teacher: str = "default",
-    data: str = "tweets",
+    data: DataSpec | str = "tweets",
     budget: str | float = "10m",
     max_steps: int | None = None,
     train_examples: int = 12000,
@@ -466,7 +469,7 @@ def heal_checkpoint(
     is kept in ``out/.heal/`` until the heal finishes. Returns the ``HealResult``."""
     import shutil
 
-    from attribution.core.data import DataSpec, load_splits
+    from attribution.core.data import as_spec, load_splits
     from prune.checkpoints import load_model, save_pruned
     from prune.heal import heal, parse_duration
 
@@ -476,7 +479,7 @@ def heal_checkpoint(
             raise HeadpruneError(f"{name} must be a positive integer, got {value}")
     student, tokenizer = load_model(model_name, progress=progress)
     dense, _ = load_model(teacher, tokenizer=False, progress=progress)
-    splits = load_splits(DataSpec(name=data, max_length=max_length))
+    splits = load_splits(replace(as_spec(data), max_length=max_length))
     train = splits["train"].select(range(min(train_examples, len(splits["train"]))))
     held_out = splits["validation"].select(range(min(held_out_examples, len(splits["validation"]))))
     state = Path(out) / ".heal"

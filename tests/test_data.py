@@ -17,6 +17,7 @@ from attribution.core.data import (
     iter_batches,
     label_names,
     load_splits,
+    parse_split_map,
     restore_order,
     tweets_csv_path,
 )
@@ -206,6 +207,116 @@ def test_unsupported_file_type(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# split mapping (a held-out split under another name, as GLUE MNLI's validation_matched)
+
+MNLI_SPLITS = {"train": 40, "validation_matched": 9, "validation_mismatched": 7, "test_matched": 5}
+
+
+def mnli_like(root: Path) -> Path:
+    """A local data set laid out like a hub one: parquet files per split, named by the README's
+    ``configs`` (so ``datasets.load_dataset(dir)`` keeps the split names; without it datasets
+    would merge both validation files into one ``validation`` split)."""
+    root.mkdir()
+    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
+    for split, n in MNLI_SPLITS.items():
+        hidden = split.startswith("test")
+        rows = [
+            {"premise": f"{split} premise {i}", "hypothesis": "a movie", "label": -1 if hidden else i % 3}
+            for i in range(n)
+        ]
+        write_parquet(root / f"{split}.parquet", rows)
+        lines += [f"  - split: {split}", f"    path: {split}.parquet"]
+    (root / "README.md").write_text("\n".join([*lines, "---", ""]))
+    return root
+
+
+def origins(split: datasets.Dataset) -> set[str]:
+    return {text.split(" premise ")[0] for text in split["text"]}
+
+
+def test_split_map_uses_the_named_split_instead_of_carving(tmp_path: Path) -> None:
+    folder = str(mnli_like(tmp_path / "mnli"))
+    carved = load_splits(folder)  # today's rule: no split is called validation or test, both are carved
+    assert {k: len(v) for k, v in carved.items()} == {"train": 32, "validation": 4, "test": 4}
+    assert all(origins(split) == {"train"} for split in carved.values())
+
+    mapped = load_splits(DataSpec(folder, split_map={"validation": "validation_matched"}))
+    assert {k: len(v) for k, v in mapped.items()} == {"train": 36, "validation": 9, "test": 4}
+    assert origins(mapped["validation"]) == {"validation_matched"}
+    assert list(mapped["validation"]["text"]) == [f"validation_matched premise {i}" for i in range(9)]
+    assert origins(mapped["train"]) == origins(mapped["test"]) == {"train"}
+    assert mapped["train"].column_names == ["text", "text_pair", "label"]
+
+    both = load_splits(
+        DataSpec(folder, split_map=[("test", "validation_mismatched"), ("validation", "validation_matched")])
+    )
+    assert {k: len(v) for k, v in both.items()} == {"train": 40, "validation": 9, "test": 7}  # nothing carved
+    assert origins(both["test"]) == {"validation_mismatched"}
+    assert list(both["test"]["label"]) == [i % 3 for i in range(7)]
+
+
+def test_split_map_on_a_saved_dataset_dict(tmp_path: Path) -> None:
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["n", "p"])})
+    parts = {
+        name: datasets.Dataset.from_dict(
+            {"text": [f"{name} {i}" for i in range(n)], "label": [i % 2 for i in range(n)]}, features=features
+        )
+        for name, n in {"train": 30, "dev_clean": 6, "heldout": 5}.items()
+    }
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "saved"))
+    spec = DataSpec(str(tmp_path / "saved"), split_map={"validation": "dev_clean", "test": "heldout"})
+    splits = load_splits(spec)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 30, "validation": 6, "test": 5}
+    assert list(splits["test"]["text"]) == [f"heldout {i}" for i in range(5)]
+    assert label_names(splits) == ["n", "p"]
+
+
+def test_split_map_spec_is_normalised_and_hashable() -> None:
+    a = DataSpec("x", split_map={"validation": "validation_matched", "test": "validation_mismatched"})
+    b = DataSpec("x", split_map=[("test", "validation_mismatched"), ("validation", "validation_matched")])
+    assert a == b and hash(a) == hash(b)
+    assert a.split_map == (("test", "validation_mismatched"), ("validation", "validation_matched"))
+    assert DataSpec("x") != a and DataSpec("x").split_map == ()
+
+
+def test_parse_split_map_repeated_or_comma_separated() -> None:
+    expected = {"validation": "validation_matched", "test": "validation_mismatched"}
+    assert parse_split_map(["validation=validation_matched", "test=validation_mismatched"]) == expected
+    assert parse_split_map(["validation=validation_matched,test=validation_mismatched"]) == expected
+    assert parse_split_map([" validation = validation_matched , "]) == {"validation": "validation_matched"}
+    assert parse_split_map([]) == {}
+
+
+@pytest.mark.parametrize(
+    ("items", "fragment"),
+    [
+        (["validation"], "'validation': expected SPLIT=SOURCE"),
+        (["=validation_matched"], "expected SPLIT=SOURCE"),
+        (["validation=a=b"], "expected SPLIT=SOURCE"),
+        (["dev=validation_matched"], "'dev' is not a split headprune uses (train, validation, test)"),
+        (["validation=a", "validation=b"], "'validation' is mapped twice"),
+        (["validation=a,test=a"], "source split 'a' is mapped twice"),
+    ],
+)
+def test_bad_split_maps_are_one_line_errors(items: list[str], fragment: str) -> None:
+    with pytest.raises(HeadpruneError) as info:
+        parse_split_map(items)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_split_map_naming_a_missing_or_unlabelled_split(tmp_path: Path) -> None:
+    folder = str(mnli_like(tmp_path / "mnli"))
+    with pytest.raises(HeadpruneError) as info:
+        load_splits(DataSpec(folder, split_map={"validation": "validation_matchd"}))
+    message = str(info.value)
+    assert "no split 'validation_matchd'" in message and "validation_matched, validation_mismatched" in message
+    with pytest.raises(HeadpruneError, match="mapped to test has no labels"):
+        load_splits(DataSpec(folder, split_map={"test": "test_matched"}))
+    with pytest.raises(HeadpruneError, match="'valid' is not a split"):
+        DataSpec(folder, split_map={"valid": "validation_matched"})
+
+
+# ------------------------------------------------------------------------------------------
 # batches
 
 
@@ -296,3 +407,25 @@ def test_bad_batch_arguments(small: datasets.Dataset, tokenizer) -> None:
         next(iter_batches(small, tokenizer, batch_size=0))
     with pytest.raises(HeadpruneError, match="'review'"):
         next(iter_batches(small, tokenizer, text_column="review"))
+
+
+def test_recipe_split_map_reaches_the_data_spec(tmp_path: Path) -> None:
+    from prune.finetune import DEFAULT_FINETUNE_CONFIG, FinetuneConfig, finetune_fingerprint
+    from prune.recipe import RecipeError, parse_recipe
+
+    folder = mnli_like(tmp_path / "mnli")
+    recipe = parse_recipe(f"model: default\ndata:\n  name: {folder}\n  split_map: {{validation: validation_matched}}\n")
+    spec = DataSpec(**recipe.section("data"))
+    assert spec.split_map == (("validation", "validation_matched"),)
+    assert origins(load_splits(spec)["validation"]) == {"validation_matched"}
+    # the fine-tune cache key follows the mapping; plain specs (the default classifier's) keep theirs
+    plain = FinetuneConfig(data=DataSpec(str(folder))).key()["data"]
+    mapped = FinetuneConfig(data=spec).key()["data"]
+    assert plain == str(folder.resolve())
+    assert mapped["name"] == plain and mapped["split_map"] == (("validation", "validation_matched"),)
+    assert finetune_fingerprint(FinetuneConfig(data=spec)) != finetune_fingerprint(FinetuneConfig(data=plain))
+    assert DEFAULT_FINETUNE_CONFIG.key()["data"] == "tweets"
+    for text in ("split_map: {valid: validation_matched}", "split_map: {validation: a, test: a}", "split_map: [a]"):
+        with pytest.raises(RecipeError) as info:
+            parse_recipe(f"model: default\ndata:\n  {text}\n")
+        assert "line 3: data.split_map" in str(info.value) and "\n" not in str(info.value)

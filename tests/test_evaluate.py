@@ -137,6 +137,57 @@ def test_cli_evaluate_unknown_metric_is_one_line_exit_2(workspace, capsys, monke
     assert not out.exists()
 
 
+@pytest.fixture
+def renamed_splits(workspace):
+    """A saved DatasetDict whose held-out split is called validation_matched (as in GLUE MNLI)."""
+    import datasets
+
+    parts = {"train": tiny_dataset(40, seed=7), "validation_matched": tiny_dataset(9, seed=8)}
+    path = workspace["tmp"] / "mnli_like"
+    datasets.DatasetDict(parts).save_to_disk(str(path))
+    return str(path), parts["validation_matched"]
+
+
+def test_cli_evaluate_split_map(workspace, renamed_splits, model, tokenizer):
+    path, matched = renamed_splits
+    out = workspace["tmp"] / "mapped.json"
+    args = ["evaluate", "--model", workspace["model"], "--data", path, "--split", "validation", "--quiet"]
+    assert main([*args, "--split-map", "validation=validation_matched", "--out", str(out)]) == 0
+    mapped = EvalResult.load(out)
+    assert mapped.examples == 9  # the whole named split, not rows carved from train
+    assert mapped.metrics == evaluate(model, tokenizer, matched).metrics
+    assert main([*args, "--out", str(out)]) == 0
+    assert EvalResult.load(out).examples == 4  # without the mapping: 10% of the 40 training rows
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        ("validation", "--split-map 'validation': expected SPLIT=SOURCE"),
+        ("valid=validation_matched", "'valid' is not a split headprune uses (train, validation, test)"),
+        ("validation=validation_matched,validation=train", "'validation' is mapped twice"),
+        ("validation=matched", "no split 'matched' (splits: train, validation_matched)"),
+    ],
+)
+def test_cli_bad_split_map_is_one_line_exit_2(workspace, renamed_splits, capsys, mapping, message):
+    out = workspace["tmp"] / "never.json"
+    code = main(["evaluate", "--model", workspace["model"], "--data", renamed_splits[0], "--split-map", mapping,
+                 "--out", str(out), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("headprune: error: ") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["attribute", "evaluate", "faithfulness", "finetune", "heal", "prune", "triggers"])
+def test_every_command_that_reads_data_takes_split_map(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    shown = capsys.readouterr().out
+    assert all(option in shown for option in ("--data", "--split-map SPLIT=SOURCE", "--text-column", "--label-column"))
+
+
 def _evaluate_worker(out_dir: str, script: str) -> None:
     from accelerate import PartialState
 

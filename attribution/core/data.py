@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,13 @@ class DataSpec:
     as ``None`` are guessed (``text``/``sentence``/..., ``label``/``sentiment``/...). ``seed``
     fixes the split carved out of data sets that lack validation/test splits; it is deliberately
     separate from any training seed so every run sees the same held-out examples.
+
+    ``split_map`` says which split of the data set serves as ``train``, ``validation`` or
+    ``test`` when its name differs (GLUE MNLI: ``{"validation": "validation_matched"}``), so it is
+    used instead of rows carved from train. Unmapped splits keep today's rule (``train``,
+    ``validation``/``valid``/``val``/``dev``/``eval``, ``test``); a split used by the mapping
+    serves only there. Given as a mapping or ``(split, source)`` pairs; stored as sorted pairs
+    (hashable, and ``dataclasses.asdict`` stays JSON-able).
     """
 
     name: str = DEFAULT_DATA
@@ -63,6 +70,55 @@ class DataSpec:
     label_column: str | None = None
     max_length: int = 64
     seed: int = 0
+    split_map: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "split_map", tuple(sorted(check_split_map(self.split_map).items())))
+
+
+def check_split_map(mapping: Mapping[str, str] | Sequence[tuple[str, str]]) -> dict[str, str]:
+    """``{split: source split}`` from a mapping or pairs, or a one-line ``HeadpruneError``: every
+    key is one of ``train``/``validation``/``test`` and appears once, every source is a non-empty
+    name used once (two splits from one source would leak rows between them)."""
+    pairs = list(mapping.items()) if isinstance(mapping, Mapping) else list(mapping)
+    out: dict[str, str] = {}
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+            raise HeadpruneError(f"split_map: expected split=source name pairs, got {pair!r}")
+        split, source = (v.strip() for v in pair)
+        if split not in SPLITS:
+            raise HeadpruneError(
+                f"split_map: {split}={source}: {split!r} is not a split headprune uses ({', '.join(SPLITS)})"
+            )
+        if not source:
+            raise HeadpruneError(f"split_map: {split}= names no source split")
+        if split in out:
+            raise HeadpruneError(f"split_map: {split!r} is mapped twice ({split}={out[split]} and {split}={source})")
+        twice = next((k for k, v in out.items() if v == source), None)
+        if twice is not None:
+            raise HeadpruneError(
+                f"split_map: source split {source!r} is mapped twice ({twice}={source} and {split}={source})"
+            )
+        out[split] = source
+    return out
+
+
+def parse_split_map(items: Sequence[str]) -> dict[str, str]:
+    """``{split: source}`` from ``KEY=VALUE`` strings, each possibly a comma-separated list
+    (``["validation=validation_matched,test=validation_mismatched"]``, as ``--split-map`` gives
+    them when repeated); malformed items and keys or sources given twice are one-line errors."""
+    pairs: list[tuple[str, str]] = []
+    for item in items:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            split, sep, source = part.partition("=")
+            if not sep or not split.strip() or not source.strip() or "=" in source:
+                raise HeadpruneError(
+                    f"--split-map {part.strip()!r}: expected SPLIT=SOURCE, e.g. validation=validation_matched"
+                )
+            pairs.append((split.strip(), source.strip()))
+    return check_split_map(pairs)
 
 
 def as_spec(spec: DataSpec | str) -> DataSpec:
@@ -95,17 +151,20 @@ def load_splits(spec: DataSpec | str = DEFAULT_DATA) -> datasets.DatasetDict:
     ``label`` is a ``ClassLabel`` column (see ``label_names``). Missing validation/test splits
     (or a test split whose labels are all hidden, as in GLUE) are carved from ``train``
     deterministically with ``spec.seed``: each held-out split gets 10% of the rows, at most 2,000.
-    Rows with empty text are dropped.
+    Rows with empty text are dropped. ``spec.split_map`` names the source of a split whose name
+    differs (see ``DataSpec``); a mapped split is never carved, and a mapped test split must have
+    labels.
     """
     spec = as_spec(spec)
     with _quiet_datasets():
+        mapping = dict(spec.split_map)
         if spec.name == DEFAULT_DATA:
-            raw = _load_tweets()
-            columns = ("text", None, "sentiment")
+            raw = _apply_split_map(_load_tweets(), mapping, spec.name)
+            columns: tuple[str, str | None, str] = ("text", None, "sentiment")
         else:
-            raw = _load_raw(spec.name)
+            raw = _apply_split_map(_load_raw(spec.name), mapping, spec.name)
             columns = _pick_columns(raw, spec)
-        return _normalise(raw, *columns, seed=spec.seed)
+        return _normalise(raw, *columns, seed=spec.seed, mapped=set(mapping))
 
 
 def label_names(dataset: datasets.Dataset | datasets.DatasetDict) -> list[str]:
@@ -295,6 +354,24 @@ def _load_local_dir(path: Path) -> datasets.DatasetDict:
         raise HeadpruneError(f"could not read data set directory {path}: {_one_line(error)}") from None
 
 
+def _apply_split_map(raw: datasets.DatasetDict, mapping: dict[str, str], name: str) -> datasets.DatasetDict:
+    """The mapped splits under their new names, then the others (their own names, left for the
+    alias rule); a source used by the mapping is not kept under its own name too."""
+    if not mapping:
+        return raw
+    for split, source in mapping.items():
+        if source not in raw:
+            raise HeadpruneError(
+                f"split_map: {split}={source}: the data set {name!r} has no split {source!r} (splits: {', '.join(raw)})"
+            )
+    out = {split: raw[source] for split, source in mapping.items()}
+    used = set(mapping.values())
+    for other, split in raw.items():
+        if other not in used and other not in out:
+            out[other] = split
+    return datasets.DatasetDict(out)
+
+
 def _as_dict(loaded: Any) -> datasets.DatasetDict:
     if isinstance(loaded, datasets.Dataset):
         return datasets.DatasetDict({"train": loaded})
@@ -340,7 +417,7 @@ def _pick_columns(raw: datasets.DatasetDict, spec: DataSpec) -> tuple[str, str |
 
 
 def _normalise(
-    raw: datasets.DatasetDict, text: str, pair: str | None, label: str, *, seed: int
+    raw: datasets.DatasetDict, text: str, pair: str | None, label: str, *, seed: int, mapped: Collection[str] = ()
 ) -> datasets.DatasetDict:
     splits: dict[str, datasets.Dataset] = {}
     for name, split in raw.items():
@@ -370,6 +447,9 @@ def _normalise(
         out[name] = split
 
     # a test split whose labels are hidden (-1, as in GLUE) is no test split
+    for held_out in ("validation", "test"):
+        if held_out in mapped and not any(v >= 0 for v in out[held_out]["label"]):
+            raise HeadpruneError(f"split_map: the split mapped to {held_out} has no labels (all hidden, -1)")
     if "test" in out and not any(v >= 0 for v in out["test"]["label"]):
         del out["test"]
     # sized on the full train split, so validation and test get the same number of rows

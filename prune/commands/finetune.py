@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from prune.commands._data import DATA_HELP, add_split_map_argument, split_map
 from prune.finetune import FinetuneConfig
 
 
@@ -21,14 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.base,
         help="base encoder: 'minilm' (embedded), a local directory or a hub id (default: %(default)s)",
     )
-    parser.add_argument(
-        "--data",
-        default=defaults.data,
-        help="'tweets' (embedded), a hub name[:config] or a .csv/.json/.jsonl file (default: %(default)s)",
-    )
+    parser.add_argument("--data", default=defaults.data, help=DATA_HELP)
     parser.add_argument("--text-column", default=None, help="text column of --data (guessed if omitted)")
     parser.add_argument("--text-pair-column", default=None, help="second text column for sentence-pair tasks")
     parser.add_argument("--label-column", default=None, help="label column of --data (guessed if omitted)")
+    add_split_map_argument(parser)
     parser.add_argument(
         "--train-examples",
         type=int,
@@ -74,12 +72,14 @@ def run(args: argparse.Namespace) -> int:
     from prune.finetune import finetune
 
     data: DataSpec | str = args.data
-    if args.text_column or args.text_pair_column or args.label_column:
+    mapping = split_map(args)
+    if args.text_column or args.text_pair_column or args.label_column or mapping:
         data = DataSpec(
             name=args.data,
             text_column=args.text_column,
             text_pair_column=args.text_pair_column,
             label_column=args.label_column,
+            split_map=mapping,
         )
     result = finetune(
         args.base,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from prune.commands._data import add_data_arguments, data_spec
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the pruning options."""
@@ -51,12 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="least-squares rescaling of the surviving heads on calibration data (Kwon et al.)",
     )
-    parser.add_argument(
-        "--data",
-        default="tweets",
-        help="data for --iterative, --repair and --evaluate: 'tweets', a hub name or a local file "
-        "(default: %(default)s)",
-    )
+    add_data_arguments(parser, "data for --iterative, --repair and --evaluate")
     parser.add_argument(
         "--evaluate", action="store_true", help="also measure the metric of the dense and the pruned model"
     )
@@ -111,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         min_per_layer=args.min_per_layer,
         repair=args.repair,
         evaluate=args.evaluate,
-        data=args.data,
+        data=data_spec(args),
         metric=args.metric,
         eval_split=args.eval_split,
         eval_examples=args.eval_examples,

@@ -59,6 +59,16 @@ def _one_of(*choices: str) -> Callable[[Any], bool]:
     return lambda value: value is None or value in choices
 
 
+def _valid_split_map(value: dict[str, str]) -> bool:
+    from attribution.core.data import check_split_map
+
+    try:
+        check_split_map(value)
+    except HeadpruneError:
+        return False
+    return True
+
+
 def is_metric_name(value: Any) -> bool:
     """A built-in metric (or alias), or one Hugging Face ``evaluate`` loads (a local metric script,
     or a hub metric when the hub is reachable): see ``prune.metrics.metric_function``."""
@@ -98,6 +108,12 @@ class DataSection:
     label_column: str | None = _field(None, expect="a column name of the data set (or null to guess)")
     max_length: int = _field(64, expect="an integer >= 8", check=lambda v: v >= 8)
     seed: int = _field(0, expect="an integer (seeds the split carved from data sets without one)")
+    split_map: dict[str, str] = _field(
+        {},
+        expect="a mapping of train, validation or test to a split name of the data set, each source once "
+        "(e.g. {validation: validation_matched})",
+        check=lambda v: _valid_split_map(v),
+    )
 
 
 @dataclass
