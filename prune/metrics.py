@@ -130,7 +130,10 @@ def metric_function(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
     builtin = builtin_name(name)
     if builtin is not None:
         return METRICS[builtin]
-    module = _load_evaluate_metric(name.strip())
+    key = name.strip()
+    if _looks_like_path(key) and os.path.exists(os.path.expanduser(key)):
+        key = str(Path(key).expanduser().resolve())  # one cache entry per file, whatever the working directory
+    module = _load_evaluate_metric(key)
     return functools.partial(_evaluate_value, module, name)
 
 

@@ -425,7 +425,13 @@ def test_recipe_split_map_reaches_the_data_spec(tmp_path: Path) -> None:
     assert mapped["name"] == plain and mapped["split_map"] == (("validation", "validation_matched"),)
     assert finetune_fingerprint(FinetuneConfig(data=spec)) != finetune_fingerprint(FinetuneConfig(data=plain))
     assert DEFAULT_FINETUNE_CONFIG.key()["data"] == "tweets"
-    for text in ("split_map: {valid: validation_matched}", "split_map: {validation: a, test: a}", "split_map: [a]"):
+    for text, problem in [
+        ("split_map: {valid: validation_matched}", "data.split_map: valid=validation_matched: 'valid' is not a split"),
+        ("split_map: {validation: a, test: a}", "data.split_map: source split 'a' is mapped twice"),
+        ("split_map: [a]", "data.split_map: got a list"),
+    ]:
         with pytest.raises(RecipeError) as info:
             parse_recipe(f"model: default\ndata:\n  {text}\n")
-        assert "line 3: data.split_map" in str(info.value) and "\n" not in str(info.value)
+        message = str(info.value)
+        assert f"line 3: {problem}" in message and "expected a mapping of train, validation or test" in message
+        assert "\n" not in message

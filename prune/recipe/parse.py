@@ -297,8 +297,19 @@ def _compress_checks(recipe: Recipe, v: _Validator) -> None:
             v.fail(("heal", "budget"), f"got {recipe.heal.budget!r}", "a duration like 10m, 90s or 1h")
 
 
+def _split_map_checks(recipe: Recipe, v: _Validator) -> None:
+    from attribution.core.data import check_split_map
+
+    try:
+        check_split_map(recipe.data.split_map)
+    except HeadpruneError as error:
+        field = next(f for f in dataclasses.fields(recipe.data) if f.name == "split_map")
+        v.fail(("data", "split_map"), str(error).removeprefix("split_map: "), field.metadata["expect"])
+
+
 def _cross_checks(recipe: Recipe, v: _Validator) -> None:
     _compress_checks(recipe, v)
+    _split_map_checks(recipe, v)
     if recipe.score is None:
         for name in ("sweep", "prune"):
             if getattr(recipe, name) is not None:
