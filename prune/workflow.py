@@ -245,12 +245,14 @@ def save_checked(
     probe: Mapping[str, torch.Tensor],
     *,
     atol: float = 1e-4,
+    remote_code: bool = False,
 ) -> float:
-    """Save a pruned checkpoint and prove it reloads into the same model: the largest logit
-    difference on ``probe`` (a tokenizer batch); more than ``atol`` raises."""
+    """Save a pruned checkpoint (``remote_code``: with the modeling file, ``save_pruned``) and prove
+    it reloads into the same model: the largest logit difference on ``probe`` (a tokenizer batch);
+    more than ``atol`` raises."""
     from prune.checkpoints import load_model, save_pruned
 
-    save_pruned(model, directory, tokenizer)
+    save_pruned(model, directory, tokenizer, remote_code=remote_code)
     reloaded, _ = load_model(str(directory), tokenizer=False)
     with torch.no_grad():
         diff = (reloaded(**probe).logits - model(**probe).logits).abs().max().item()

@@ -304,3 +304,35 @@ def test_export_directory_drops_the_auto_map_and_replaces_only_an_earlier_export
         export_directory(model, tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe key
+# --------------------------------------------------------------------------------------------
+
+
+def test_recipe_export_remote_code_puts_the_modeling_file_in_the_run_model(tmp_path):
+    from prune.pipeline import run_recipe
+    from prune.pipeline.artifacts import StageRecord
+    from prune.recipe import load_recipe
+    from tests.tiny_recipe import tiny_recipe
+
+    small = dict(
+        score="score:\n  split: train\n  examples: 8\n  batch_size: 4\n  criteria:\n    random: {seed: 1}\n",
+        sweep="", repair="", cost="", report="",
+        prune="prune:\n  criterion: random\n  target: {fraction: 0.5}\n",
+    )
+    off = tiny_recipe(tmp_path, **small, export="export:\n  onnx: false\n")
+    run_recipe(load_recipe(off), tmp_path / "run", progress=False)
+    model_dir = tmp_path / "run" / "model"
+    assert not (model_dir / MODELING_FILE).exists()
+    assert "remote_code" not in StageRecord.load(tmp_path / "run" / "stages" / "prune.json").inputs
+
+    on = tiny_recipe(tmp_path, **small, export="export:\n  onnx: false\n  remote_code: true\n")
+    result = run_recipe(load_recipe(on), tmp_path / "run", progress=False)
+    assert "prune" in result.ran  # the key is part of the prune stage's fingerprint
+    assert (model_dir / MODELING_FILE).is_file()
+    assert is_headprune_remote_code(json.loads((model_dir / "config.json").read_text()))
+    assert MODELING_FILE in " ".join(StageRecord.load(tmp_path / "run" / "stages" / "prune.json").files)
+    model, _ = load_model(model_dir)
+    assert sum(instrument.heads_per_layer(model)) == 4  # half of 2 layers x 4 heads

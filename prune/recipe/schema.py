@@ -215,6 +215,12 @@ class ExportSection:
     opset: int = _field(17, expect="an ONNX opset number >= 14", check=lambda v: v >= 14)
     check_examples: int = _field(32, expect="a positive integer", check=_positive)
     atol: float = _field(1e-4, expect="a positive number", check=_positive)
+    remote_code: bool = _field(
+        False,
+        expect="true or false: the saved pruned checkpoints (model/, compress/model/, compress/healed/) also carry "
+        "modeling_headprune.py, so transformers loads them without headprune with trust_remote_code=True "
+        "(off by default: loading them that way runs code from the directory)",
+    )
 
 
 @dataclass

@@ -11,6 +11,7 @@ from prune.pipeline.artifacts import CompressRun, DenseRun, StageRecord
 from prune.pipeline.context import RunContext
 from prune.pipeline.stage import Stage, StageResult, folder_files
 from prune.pipeline.stages.dense import metrics_text
+from prune.pipeline.stages.export import remote_code, remote_code_inputs
 
 REPAIR_BATCH = 32
 
@@ -59,7 +60,7 @@ class CompressStage(Stage):
     writes = ("compress/compress.json", "compress/model/config.json")
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
-        return compress_inputs(ctx)
+        return {**compress_inputs(ctx), **remote_code_inputs(ctx)}
 
     def valid(self, ctx: RunContext, record: StageRecord) -> bool:
         return (ctx.out / "compress" / "model" / "config.json").is_file()
@@ -132,7 +133,9 @@ class CompressStage(Stage):
             ctx.log(f"[compress] {name} {metrics_text(values)}")
         if ctx.main:
             probe = next(iter(ctx.batches(data.select(range(min(16, len(data)))), 16, keep_labels=False)))
-            save_checked(outcome.model, ctx.out / "compress" / "model", tokenizer, probe)
+            save_checked(
+                outcome.model, ctx.out / "compress" / "model", tokenizer, probe, remote_code=remote_code(ctx)
+            )
             if outcome.repair is not None:
                 outcome.repair.save(ctx.out / "compress" / "repair.json")
             run.save(ctx.out / "compress" / "compress.json")

@@ -12,6 +12,18 @@ from prune.pipeline.context import RunContext
 from prune.pipeline.stage import Stage, StageResult
 
 
+def remote_code(ctx: RunContext) -> bool:
+    """Whether the recipe asks the saved pruned checkpoints to carry the modeling file
+    (the recipe key ``export.remote_code``; see ``prune.remote_code``)."""
+    return bool(ctx.recipe.export is not None and ctx.recipe.export.remote_code)
+
+
+def remote_code_inputs(ctx: RunContext) -> dict[str, bool]:
+    """The fingerprint entry of a stage that saves a pruned checkpoint: present only when
+    ``export.remote_code`` is on, so runs without the modeling file keep their fingerprints."""
+    return {"remote_code": True} if remote_code(ctx) else {}
+
+
 class ExportStage(Stage):
     name = "export"
     reads = ("prune",)

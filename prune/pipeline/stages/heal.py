@@ -11,6 +11,7 @@ from prune.pipeline.artifacts import HealRun, StageRecord
 from prune.pipeline.context import RunContext
 from prune.pipeline.stage import Stage, StageResult, folder_files
 from prune.pipeline.stages.dense import metrics_text
+from prune.pipeline.stages.export import remote_code, remote_code_inputs
 
 
 class HealStage(Stage):
@@ -25,6 +26,7 @@ class HealStage(Stage):
             "heal": ctx.recipe.section("heal"),
             "compressed": ctx.digests("compress/model/"),
             "evaluate": ctx.recipe.section("evaluate"),
+            **remote_code_inputs(ctx),
             **ctx.common(),
         }
 
@@ -51,7 +53,7 @@ class HealStage(Stage):
         ctx.log(f"[heal] {result.summary()}")
         ctx.log(f"[heal] healed {metrics_text(metrics)} on {len(data)} {evaluation.split} rows")
         probe = next(iter(ctx.batches(data.select(range(min(16, len(data)))), 16, keep_labels=False)))
-        save_checked(student, ctx.out / "compress" / "healed", tokenizer, probe)
+        save_checked(student, ctx.out / "compress" / "healed", tokenizer, probe, remote_code=remote_code(ctx))
         HealRun(result.to_dict(), metrics).save(ctx.out / "compress" / "heal.json")
         shutil.rmtree(ctx.out / "compress" / "heal", ignore_errors=True)  # the resume state (~4 models) is done
         files = ["compress/heal.json", *folder_files(ctx, "compress/healed")]

@@ -8,6 +8,7 @@ from prune.pipeline.artifacts import DenseRun, PruneRun, RepairSummary, StageRec
 from prune.pipeline.context import RunContext
 from prune.pipeline.stage import Stage, StageResult, folder_files
 from prune.pipeline.stages.dense import metrics_text
+from prune.pipeline.stages.export import remote_code, remote_code_inputs
 from prune.workflow import SweepResult, Target, decide, head_counts, prune_and_repair, save_checked
 
 
@@ -34,6 +35,7 @@ class PruneStage(Stage):
                 *(["sweep.json"] if uses_sweep and recipe.sweep is not None else []),
                 "dense.json",
             ),
+            **remote_code_inputs(ctx),
             **ctx.common(),
         }
 
@@ -98,7 +100,9 @@ class PruneStage(Stage):
         )
         if ctx.main:
             probe = next(iter(ctx.batches(data.select(range(min(16, len(data)))), 16, keep_labels=False)))
-            run.reload_max_abs_diff = save_checked(outcome.model, ctx.out / "model", tokenizer, probe)
+            run.reload_max_abs_diff = save_checked(
+                outcome.model, ctx.out / "model", tokenizer, probe, remote_code=remote_code(ctx)
+            )
             run.save(ctx.out / "prune.json")
             files += folder_files(ctx, "model")
         return StageResult({"criterion": decision.criterion, "heads_removed": removed}, files)
