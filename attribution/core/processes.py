@@ -147,6 +147,16 @@ def broadcast(value: Any) -> Any:
     return broadcast_object_list([value], from_process=0)[0]
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """Every process's ``value`` (any picklable object), in process order, on every process
+    (``[value]`` on one)."""
+    if not is_distributed() or num_processes() == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([value]))
+
+
 def mine(index: int) -> bool:
     """Work item ``index`` belongs to this process (round-robin)."""
     return not is_distributed() or index % num_processes() == process_index()

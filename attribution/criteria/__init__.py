@@ -53,6 +53,7 @@ from attribution.criteria.neurons import (
     NeuronTaylorCriterion,
 )
 from attribution.criteria.random import RandomCriterion
+from attribution.criteria.sharded import score_in_shards
 from attribution.criteria.units import UNITS, Unit
 
 __all__ = [
@@ -89,5 +90,6 @@ __all__ = [
     "register_criterion",
     "scatter_heads",
     "score_dataset",
+    "score_in_shards",
     "zero_removed_heads",
 ]

@@ -9,12 +9,15 @@ Examples::
 Every option of every registered criterion is a flag (``--n-steps``, ``--integration``,
 ``--target``, ``--normalize/--no-normalize``, ``--seed``, ...; unset = the criterion's default);
 ``--option KEY=VALUE`` reaches any criterion option, e.g. of criteria registered by plugins. Run
-under ``accelerate launch`` to shard the examples over several processes.
+under ``torchrun --nproc_per_node N`` or ``accelerate launch`` to deal the examples out to several
+processes in shards of ``--shard-size`` rows (the same scores, bit for bit, on any number of
+processes); the main process writes the file and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ _DEST = "criterion_option__"  # argparse dest prefix of the criterion-option fla
 # provenance entries every criterion has; the others are the criterion's diagnostics summary
 _STANDARD = {
     "model", "model_type", "examples", "options", "kept_heads", "seconds", "headprune", "torch", "transformers",
-    "processes", "data", "split",
+    "processes", "data", "split", "shard_size",
 }  # fmt: skip
 
 
@@ -53,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--examples", type=int, default=200, help="examples to score on (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per batch (default: %(default)s)")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=64,
+        help="examples per shard; shards are dealt out to the processes of a launch (default: %(default)s)",
+    )
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="JSON", help="where to write the HeadScores")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also draw the scores as a heatmap")
@@ -149,30 +158,37 @@ def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from attribution.core.data import load_splits
     from attribution.core.errors import HeadpruneError
-    from attribution.criteria import make_criterion, score_dataset
+    from attribution.criteria import make_criterion, score_in_shards
     from prune.checkpoints import load_model
 
     if args.examples < 1:
         raise HeadpruneError(f"--examples must be at least 1, got {args.examples}")
     if args.batch_size < 1:
         raise HeadpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.shard_size < 1:
+        raise HeadpruneError(f"--shard-size must be at least 1, got {args.shard_size}")
     criterion = make_criterion(args.criterion, **criterion_options(args))  # fails before any loading
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, progress=not args.quiet)
+    # fresh, aligned storage for weights loaded from safetensors (see prune.pipeline.context): CPU
+    # kernels take the same code paths in every process, so the scores match bit for bit
+    model = copy.deepcopy(model)
     split = load_splits(data_spec(args))[args.split]
     examples = min(args.examples, len(split))
-    # Length-sorted batches cut padding; the scores are sums over examples, so order does not matter.
-    scores = score_dataset(
+    # Length-sorted batches inside each shard cut padding; the shards are merged in order.
+    scores = score_in_shards(
         model,
         tokenizer,
         split,
         criterion,
+        shard_size=args.shard_size,
         batch_size=args.batch_size,
         max_length=args.max_length,
         max_examples=args.examples,
         progress=not args.quiet,
-        sort_by_length=True,
     )
+    if scores is None:
+        return 0  # another process of the launch: the main one writes and prints
     scores.provenance.update({"model": args.model, "data": args.data, "split": args.split})
     scores.save(args.out)
     if args.plot:
