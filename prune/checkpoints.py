@@ -38,6 +38,7 @@ from transformers import PreTrainedModel
 from attribution import instrument
 from attribution.core.cache import base_model_path
 from attribution.core.errors import HeadpruneError
+from attribution.core.io import apply_umask
 from attribution.core.log import get_logger
 
 # The key is defined beside remove_heads, which keeps a model's config in step with its heads.
@@ -157,7 +158,7 @@ def save_pruned(
         _set_remote_code(tmp, remote_code)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
+        apply_umask(tmp)  # mkdtemp and the safetensors writer make them private (0700 / 0600)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from attribution.core.cache import DEFAULT_BASE_MODEL, base_model_path, cache_dir
 from attribution.core.errors import HeadpruneError
+from attribution.core.io import apply_umask
 from attribution.core.log import get_logger
 
 if TYPE_CHECKING:
@@ -247,7 +248,7 @@ def run_finetune(
             if tmp is not None:
                 try:
                     (tmp / FINETUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
-                    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
+                    apply_umask(tmp)  # mkdtemp and the safetensors writer make them private; the cache is shared
                     os.replace(tmp, final)  # atomic: the final directory is complete or absent
                 except OSError as error:
                     failure = f"cannot save the fine-tuned model to {final}: {error}"

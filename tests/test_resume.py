@@ -16,9 +16,10 @@ import pytest
 from prune.pipeline import run_recipe
 from prune.pipeline.artifacts import StageRecord
 from prune.pipeline.fingerprints import file_digest
+from prune.pipeline.outdir import LOCK_NAME
 from prune.recipe import load_recipe
 from tests.test_stages import logged
-from tests.tiny_recipe import tiny_recipe
+from tests.tiny_recipe import tiny_model_dir, tiny_recipe
 
 ROOT = Path(__file__).parent.parent
 SMALL = {
@@ -205,3 +206,33 @@ def test_identical_runs_write_identical_files(finished, tmp_path):
     assert {"scores/taylor.json", "stages/score-taylor.json", "sweep.json", "prune.json"} <= set(compared)
     differ = [f for f in compared if (out / f).read_bytes() != (again / f).read_bytes()]
     assert differ == [], differ
+
+
+def test_run_files_follow_the_umask(finished):
+    """Every file and folder of a run (saved weights included: transformers writes them 0600) gets
+    the modes a plain open/mkdir gives under the user's umask."""
+    from attribution.core.io import current_umask
+
+    _, out = finished
+    mask = current_umask()
+    wrong = [
+        (str(p.relative_to(out)), oct(p.stat().st_mode & 0o777))
+        for p in out.rglob("*")
+        if p.name != LOCK_NAME and p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~mask
+    ]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_saved_models_follow_the_umask(tmp_path, mask):
+    from prune.checkpoints import load_model, save_pruned
+
+    model, tokenizer = load_model(str(tiny_model_dir(tmp_path / "world")))
+    previous = os.umask(mask)
+    try:
+        saved = save_pruned(model, tmp_path / "out" / "model", tokenizer)
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [saved, *saved.iterdir()]}
+    assert modes.pop("model") == 0o777 & ~mask
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~mask}
