@@ -171,6 +171,7 @@ def test_temporaries_of_killed_runs_are_removed_and_nothing_else(finished, tmp_p
         out / "scores" / f".fisher.json.{pid}.0badc0de.tmp.json",
         out / ".model.k2j4_x9q.tmp",  # a save_pruned directory
         out / ".model.old",  # a model parked while save_pruned swapped it in
+        out / ".onnx.0a1b2c3d.tmp",  # an export_directory directory
     ]
     ours[0].write_text("{")
     for folder in ours[1:]:
@@ -192,7 +193,7 @@ def test_temporaries_of_killed_runs_are_removed_and_nothing_else(finished, tmp_p
     assert not any(p.exists() for p in [*left, *ours])
     assert all(p.read_text() == "mine" for p in theirs)
     assert sum("temporary file(s) of an interrupted run" in line for line in lines) == 1
-    assert any(line.startswith("removed 4 temporary file(s)") for line in lines)
+    assert any(line.startswith("removed 5 temporary file(s)") for line in lines)
 
 
 def test_identical_runs_write_identical_files(finished, tmp_path):

@@ -27,9 +27,9 @@ from attribution.core.log import get_logger
 log = get_logger("run")
 
 LOCK_NAME = ".headprune.lock"
-# prune.checkpoints.save_pruned writes a model into ``tempfile.mkdtemp(prefix=".<name>.",
-# suffix=".tmp")`` beside its final place and parks the previous model at ``.<name>.old`` while it
-# swaps them
+# prune.checkpoints.save_pruned and prune.export.export_directory write a directory into
+# ``tempfile.mkdtemp(prefix=".<name>.", suffix=".tmp")`` beside its final place and park the
+# previous one at ``.<name>.old`` while they swap them
 SAVE_DIRECTORY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 PARKED_DIRECTORY = re.compile(r"^\.(?P<target>.+)\.old$")
 
@@ -137,8 +137,9 @@ def remove_leftovers(out: Path) -> list[Path]:
 
     Only headprune's own names are touched (the module docstring and
     :data:`attribution.core.io.TEMPORARY_FILE`): an ``atomic_output`` file whose writer (by the
-    pid in its name) is gone, a ``save_pruned`` directory, and a parked ``.<name>.old`` model
-    directory. Call it while holding :class:`OutputLock`, so no other run is writing them.
+    pid in its name) is gone, a ``save_pruned``/``export_directory`` directory, and a parked
+    ``.<name>.old`` directory of theirs (it holds a ``config.json``, or nothing). Call it while
+    holding :class:`OutputLock`, so no other run is writing them.
     """
     removed: list[Path] = []
     for root, dirs, files in os.walk(out):

@@ -9,7 +9,7 @@ from typing import Any
 from prune.export import OnnxExport
 from prune.pipeline.artifacts import ExportRun
 from prune.pipeline.context import RunContext
-from prune.pipeline.stage import Stage, StageResult
+from prune.pipeline.stage import Stage, StageResult, folder_files
 
 
 def remote_code(ctx: RunContext) -> bool:
@@ -77,7 +77,7 @@ class ExportStage(Stage):
                 threads=threads,
             )
             models[label] = dataclasses.replace(exported, path=f"{folder}/{ONNX_FILE}")
-            files += [f"{folder}/{ONNX_FILE}", f"{folder}/config.json"]
+            files += folder_files(ctx, folder)  # the ONNX file, its config and tokenizer: all verified on resume
             timing = ", ".join(f"b={b}: {ms:.1f} ms" for b, ms in exported.latency_ms.items())
             ctx.log(
                 f"[export] {label}: {models[label].path}, max |onnx - torch| {exported.max_abs_diff:.1e}; {timing}"

@@ -12,7 +12,7 @@ import torch
 
 from prune.pipeline.artifacts import QuantizeRun
 from prune.pipeline.context import RunContext
-from prune.pipeline.stage import Stage, StageResult
+from prune.pipeline.stage import Stage, StageResult, folder_files
 from prune.pipeline.stages.latency_model import threads
 
 
@@ -75,4 +75,5 @@ class QuantizeStage(Stage):
             f"(FP32 ONNX {result.fp32_metrics.get(metric, float('nan')):.4f}), agreement {result.agreement:.2%}; "
             + ", ".join(f"b={b}: {s:.2f}x vs dense PyTorch" for b, s in speedup.items())
         )
-        return StageResult({"speedup": speedup, "agreement": result.agreement}, list(self.writes))
+        files = ["compress/quantize.json", *folder_files(ctx, "compress/onnx")]
+        return StageResult({"speedup": speedup, "agreement": result.agreement}, files)
