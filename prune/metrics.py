@@ -10,7 +10,8 @@ metric script (``path/to/my_metric.py``, or a directory holding ``<dir name>.py`
 hub is reachable, a hub metric (``"precision"``, ``"user/metric"``). Such a metric is given the
 predicted class ids and the labels (``compute(predictions=..., references=...)``) and must return
 one number (or a dictionary holding one number, or one entry named like the metric). Built-in
-names always win, so the default metrics never need ``evaluate`` nor the network.
+names always win, so the default metrics never need ``evaluate`` nor the network. Callers read
+every metric as higher-is-better (the sweep's ``max_drop``, the iterative tolerance).
 """
 
 from __future__ import annotations
