@@ -141,6 +141,18 @@ def test_local_parquet_reads_like_the_same_rows_as_csv(tmp_path: Path) -> None:
         assert list(from_parquet[name]["label"]) == list(from_csv[name]["label"])
 
 
+def test_recipes_check_parquet_files_and_their_columns(tmp_path: Path) -> None:
+    from prune.recipe import RecipeError, parse_recipe
+
+    path = write_parquet(tmp_path / "r.parquet", review_rows(12))
+    recipe = parse_recipe(f"model: default\ndata:\n  name: {path}\n  text_column: review\n  label_column: stars\n")
+    assert recipe.data.name == str(path)
+    with pytest.raises(RecipeError, match="line 5: data.label_column: column .label. not in r.parquet; .*stars"):
+        parse_recipe(f"model: default\ndata:\n  name: {path}\n  text_column: review\n  label_column: label\n")
+    with pytest.raises(RecipeError, match="data.name: file not found"):
+        parse_recipe(f"model: default\ndata:\n  name: {tmp_path / 'missing.parquet'}\n")
+
+
 def test_directory_of_parquet_files_per_split(tmp_path: Path) -> None:
     folder = tmp_path / "per_split"
     folder.mkdir()

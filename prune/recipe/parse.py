@@ -383,7 +383,7 @@ def _check_paths(recipe: Recipe, v: _Validator) -> None:
         v.fail(("model",), f"{model} has no config.json", "a model directory (config.json and weights)")
     name = recipe.data.name
     suffix = Path(name).suffix.lower()
-    if suffix in (".csv", ".tsv", ".json", ".jsonl"):
+    if suffix in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
         path = Path(name).expanduser()
         if not path.is_file():
             v.fail(("data", "name"), f"file not found: {name}", "an existing data file or a data set name")
@@ -411,6 +411,10 @@ def _file_columns(path: Path) -> list[str] | None:
                         return next(csv.reader(handle, delimiter=delimiter), [])
                 except UnicodeDecodeError:
                     continue
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet
+
+            return list(pyarrow.parquet.read_schema(path).names)
         if path.suffix.lower() == ".jsonl":
             with open(path, encoding="utf-8") as handle:
                 first = json.loads(handle.readline() or "{}")
