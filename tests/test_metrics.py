@@ -285,3 +285,19 @@ def test_recipes_take_evaluate_metrics_and_reject_unknown_ones(tmp_path: Path, m
         message = str(info.value)
         assert where in message and "no_such_metric_hp13d" in message and "need network" in message
         assert "\n" not in message
+
+
+def test_recipe_metric_scripts_are_relative_to_the_recipe(tmp_path: Path, monkeypatch) -> None:
+    from prune.recipe import load_recipe
+
+    folder = tmp_path / "project"
+    script = write_metric(folder / "metrics", "error_rate")
+    recipe_path = folder / "recipe.yaml"
+    recipe_path.write_text(
+        "model: default\nevaluate:\n  metrics: [accuracy, metrics/error_rate.py]\n"
+        "sweep:\n  metric: metrics/error_rate.py\n"
+    )
+    monkeypatch.chdir(tmp_path)  # not the recipe's directory
+    recipe = load_recipe(recipe_path)
+    assert recipe.evaluate.metrics == ["accuracy", str(script.resolve())]
+    assert recipe.sweep.metric == str(script.resolve())

@@ -375,6 +375,26 @@ def _resolve_relative(recipe: Recipe, base: Path) -> None:
             setattr(owner, attr, str(candidate.resolve()))
 
 
+def _resolve_metric_scripts(data: dict[str, Any], base: Path) -> None:
+    """Metric script paths (``evaluate.metrics``, ``sweep.metric``) relative to the recipe file's
+    directory, like ``data.name``; done before validation, which loads the scripts."""
+    from prune.metrics import builtin_name
+
+    def resolved(value: Any) -> Any:
+        if not isinstance(value, str) or builtin_name(value) is not None or os.path.isabs(value):
+            return value
+        if value.startswith("~") or not (value.endswith(".py") or "/" in value):
+            return value
+        candidate = base / value
+        return str(candidate.resolve()) if candidate.exists() else value
+
+    evaluate, sweep = data.get("evaluate"), data.get("sweep")
+    if isinstance(evaluate, dict) and isinstance(evaluate.get("metrics"), list):
+        evaluate["metrics"] = [resolved(m) for m in evaluate["metrics"]]
+    if isinstance(sweep, dict) and "metric" in sweep:
+        sweep["metric"] = resolved(sweep["metric"])
+
+
 def _check_paths(recipe: Recipe, v: _Validator) -> None:
     model = recipe.model
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
@@ -483,6 +503,7 @@ def parse_recipe(
         keys, value = parse_override(text_override)
         _apply_override(data, keys, value)
         locations.overridden.add(tuple(keys))
+    _resolve_metric_scripts(data, base_dir or Path.cwd())
     validator = _Validator(locations)
     recipe = validator.section(data, Recipe, (), "a mapping of sections")
     recipe.source = source
