@@ -30,6 +30,9 @@ VNNI; tiny trained BERTs in ``tests/test_quantize.py``):
   ``[0, hidden]`` output projection (``prune.export``), and onnxruntime's dynamic INT8 kernels
   return wrong values for it (the pruned test model: max |Δlogit| 0.17 instead of 0.01 with the
   defaults, 54% agreement per-tensor). They cost nothing in FP32.
+- File names are the caller's; the pipeline (and ``prune.export.QUANTIZED_FILE``) follows Optimum:
+  ``model_quantized.onnx`` beside ``model.onnx``, ``config.json`` and the tokenizer files, so the
+  directory loads in Optimum and plain onnxruntime alike.
 - The input model is loaded here and handed to ORT as a ``ModelProto``: ORT then does its shape
   inference in a temporary directory instead of writing ``<name>-inferred.onnx`` beside the input;
   the output is written through ``atomic_output``, so an interrupted quantization leaves no file.
