@@ -6,6 +6,7 @@ identical runs write identical files."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from prune.pipeline import run_recipe
-from prune.pipeline.artifacts import StageRecord
+from prune.pipeline.artifacts import StageRecord, StageTiming
 from prune.pipeline.fingerprints import file_digest
 from prune.pipeline.outdir import LOCK_NAME
 from prune.recipe import load_recipe
@@ -74,6 +75,11 @@ def test_markers_record_size_and_sha256_of_every_output(finished):
         assert record.files and sorted(record.digests) == sorted(record.files)
         for name, digest in record.digests.items():
             assert digest == file_digest(out / name), name
+    # the times live beside the markers, and the report still shows each criterion's scoring time
+    for stage in STAGES:
+        assert StageTiming.load(out / "stages" / f"{stage}.time.json").seconds >= 0
+    md = (out / "report.md").read_text()
+    assert re.search(r"\| taylor \| 8 \| [^|]+ \| \d+\.\d s \|", md), md
     # every file of the saved model is recorded, not just its config
     prune = StageRecord.load(out / "stages" / "prune.json")
     assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json"} <= set(prune.files)

@@ -158,6 +158,16 @@ def _run_blocks(
     return blocks
 
 
+def _score_seconds(timings: dict[str, Any] | None) -> dict[str, float]:
+    """Each criterion's scoring time from the stage timings (``score-<criterion>``)."""
+    out = {}
+    for stage, value in (timings or {}).items():
+        seconds = value[0] if isinstance(value, (tuple, list)) else value
+        if stage.startswith("score-") and isinstance(seconds, (int, float)):
+            out[stage[len("score-") :]] = float(seconds)
+    return out
+
+
 def build_blocks(
     out: Path,
     *,
@@ -213,7 +223,7 @@ def build_blocks(
                 "brighter = more important, each panel on its own scale). Crosses mark the heads the final model lost.",
             ),
             ("img", path, "head-importance heatmaps"),
-            ("table", *score_table(scores, order)),
+            ("table", *score_table(scores, order, _score_seconds(timings))),
         ]
         if len(order) > 1:
             blocks += [

@@ -171,11 +171,13 @@ def verdict(prune: PruneRun | None, cost: CostRun | None, export: ExportRun | No
     return text
 
 
-def score_table(scores: dict[str, HeadScores], order: list[str]) -> Table:
+def score_table(scores: dict[str, HeadScores], order: list[str], seconds: dict[str, float] | None = None) -> Table:
+    """One row per criterion; ``seconds``: each criterion's scoring time when known (a run's stage
+    timings; score files do not hold times)."""
     headers = ["criterion", "examples", "options", "time", "completeness error (median / p90)"]
     rows = []
     for name in order:
-        prov = scores[name].provenance
+        prov = {**scores[name].provenance, **({"seconds": seconds[name]} if seconds and name in seconds else {})}
         options = ", ".join(f"{k}={v}" for k, v in (prov.get("options") or {}).items()) or "–"
         error = prov.get("relative_completeness_error")
         rows.append(
