@@ -29,7 +29,7 @@ from prune import quantize
 from prune.checkpoints import load_model
 from prune.cost import latency_batches
 from prune.evaluate import evaluate
-from prune.export import export_and_check, onnx_logits
+from prune.export import ONNX_FILE, QUANTIZED_FILE, export_and_check, onnx_logits
 from prune.finetune import FINETUNE_META, default_finetuned_path
 
 
@@ -74,14 +74,14 @@ def main() -> int:
     test = load_splits("tweets")["test"]
     batches = latency_batches(test, tokenizer, sizes=args.sizes, max_length=args.max_length)
     check = [batches[max(batches)]] if max(batches) > 1 else None
-    exported = export_and_check(model, out / "model.onnx", check_batches=check, threads=args.threads)
+    exported = export_and_check(model, out / ONNX_FILE, check_batches=check, threads=args.threads)
     print(f"exported FP32 ONNX: max |onnx - torch| {exported.max_abs_diff:.2g} on {exported.checked_examples} rows")
 
     started = time.perf_counter()
     torch_eval = evaluate(model, tokenizer, test, max_length=args.max_length)
     torch_seconds = time.perf_counter() - started
     result = quantize.quantize_and_check(
-        exported.path, out / "model.int8.onnx", tokenizer, test, threads=args.threads, max_length=args.max_length,
+        exported.path, out / QUANTIZED_FILE, tokenizer, test, threads=args.threads, max_length=args.max_length,
         progress=True,
     )
     print(f"INT8 agrees with FP32 ONNX on {result.agreement:.2%} of {result.checked_examples} test rows "

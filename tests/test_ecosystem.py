@@ -113,6 +113,8 @@ for directory in sys.argv[2:]:
     with torch.no_grad():
         logits = model(**batch).logits
     served = pipeline("text-classification", model=directory, trust_remote_code=True, top_k=None)(texts)
+    model.save_pretrained(directory + "-resaved")  # transformers writes the modeling file and auto_map back
+    tokenizer.save_pretrained(directory + "-resaved")
     results[directory] = {"class": type(model).__name__, "logits": logits.tolist(), "served": served}
 blocked = [name for name in sys.modules if name.split(".")[0] in ("prune", "attribution")]
 print(json.dumps({"results": results, "blocked": blocked}))
@@ -156,6 +158,13 @@ def test_remote_code_loads_without_headprune_with_the_same_logits(remote_loaded,
     got = torch.tensor(result["logits"])
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+    resaved = Path(f"{directory}-resaved")  # what transformers saved is again a headprune checkpoint
+    assert is_headprune_remote_code(json.loads((resaved / "config.json").read_text()))
+    assert (resaved / MODELING_FILE).read_text() == (directory / MODELING_FILE).read_text()
+    reloaded, _ = load_model(resaved)
+    with torch.no_grad():
+        again = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(again, expected, atol=1e-5)
     served = torch.tensor([[e["score"] for e in sorted(row, key=lambda e: e["label"])] for row in result["served"]])
     labels = sorted(model.config.id2label.items(), key=lambda item: item[1])
     assert torch.allclose(served, expected.softmax(-1)[:, [i for i, _ in labels]], atol=1e-6)
