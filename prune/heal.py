@@ -38,6 +38,14 @@ both data sets). The budget is not part of the fingerprint, so a budget-stopped 
 more time. A heal that ended on ``max_steps`` or ``patience`` is not continued: the call returns
 its result with the best weights loaded. Only torch's RNG drives the heal (dropout); it runs in a
 forked RNG, so the caller's random state is left as it was.
+
+Accelerator and processes (``prune.training``): the student and the teacher run on Accelerate's
+device; under ``accelerate launch`` / ``torchrun`` every process calls ``heal`` and trains its
+shard of each batch (same batches, schedule and stops as one process; gradients averaged),
+evaluates its shard of the held-out rows (the accuracy is gathered, so every process takes the same
+decisions), and stops on the main process's budget decision. Only the main process writes the
+checkpoints and the result; every process reads a checkpoint to resume, with any number of
+processes. On one CPU process the heal is the plain PyTorch loop, bit for bit.
 """
 
 from __future__ import annotations
@@ -54,10 +62,12 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from attribution.core import processes
 from attribution.core.errors import HeadpruneError
 from attribution.core.io import Record, save_tensors
 from attribution.core.log import get_logger
 from prune.finetune import MAX_GRAD_NORM, WARMUP_FRACTION, WEIGHT_DECAY
+from prune.training import DataParallel, make_accelerator, resolve_precision
 
 log = get_logger("heal")
 
@@ -201,6 +211,8 @@ def heal(
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    mixed_precision: str | None = None,
+    gradient_accumulation_steps: int | None = None,
 ) -> HealResult:
     """Distil ``teacher`` into ``student`` (in place) on the rows of ``train`` until the budget,
     ``max_steps`` (at least one is required) or early stopping on ``held_out`` ends it; leave the
@@ -211,16 +223,23 @@ def heal(
     ``alpha`` is 1). ``alpha`` weighs the KL term, ``1 - alpha`` the cross-entropy (module
     docstring). ``budget_seconds`` is wall-clock seconds (``parse_duration`` reads ``"10m"``).
     The student's and teacher's train/eval modes are restored afterwards; with ``checkpoint_dir``
-    the result is also saved there as ``heal_result.json``.
+    the result is also saved there as ``heal_result.json``. ``mixed_precision`` and
+    ``gradient_accumulation_steps`` are ``prune.training``'s (a precision other than ``"no"`` is
+    part of the resume key; micro-batches are not: ``batch_size`` rows make one step either way).
+    Both models are put back on their devices afterwards.
     """
     _check_arguments(student, teacher, train, held_out, budget_seconds, max_steps, temperature, alpha, lr,
                      batch_size, max_length, eval_every, patience)
+    precision = resolve_precision(mixed_precision)
+    accelerator = make_accelerator(precision, gradient_accumulation_steps)  # set-up: not part of the budget
     started = time.perf_counter()
     options: dict[str, Any] = {
         "max_steps": None if max_steps is None else int(max_steps), "temperature": float(temperature),
         "alpha": float(alpha), "lr": float(lr), "batch_size": int(batch_size), "max_length": int(max_length),
         "eval_every": int(eval_every), "patience": int(patience), "seed": int(seed),
     }
+    if precision != "no":
+        options["mixed_precision"] = precision
     state_path = None
     if checkpoint_dir is not None:
         folder = Path(checkpoint_dir).expanduser()
@@ -240,8 +259,10 @@ def heal(
     )
     scheduler = _schedule(optimizer, max_steps, math.ceil(len(train) / batch_size))
     modes = student.training, teacher.training
+    homes = next(student.parameters()).device, next(teacher.parameters()).device
+    gpu = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
 
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
+    with torch.random.fork_rng(devices=gpu):  # the caller's RNG state is left alone
         torch.manual_seed(seed)
         if saved is not None:
             progress_state = _Progress(**saved["progress"])
@@ -253,6 +274,8 @@ def heal(
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             torch.set_rng_state(saved["rng"])
+            if gpu and "cuda_rng" in saved:
+                torch.cuda.set_rng_state(saved["cuda_rng"], gpu[0])
             best = saved["best"]
             resumed_from: int | None = progress_state.step
             log.info("resuming the heal from step %d (%s)", progress_state.step, state_path)
@@ -262,13 +285,18 @@ def heal(
                 "healing from the teacher: %d training rows, %d held-out rows, %s", len(train), len(held_out),
                 ", ".join(f"{k} {v}" for k, v in {**options, "budget": budget_seconds}.items() if v is not None),
             )
-        loop = _Loop(student, teacher, tokenizer, train, held_out, optimizer, scheduler, progress_state, options,
-                     budget_seconds, started, state_path, key, progress)
+        trainer = DataParallel(accelerator, student, optimizer, scheduler, tokenizer=tokenizer,
+                               max_length=max_length, max_grad_norm=MAX_GRAD_NORM)
+        teacher.to(trainer.device)
+        loop = _Loop(trainer, teacher, train, held_out, progress_state, options, budget_seconds, started,
+                     state_path, key, progress)
         try:
             teacher.eval()
             best = loop.run(best, fresh=saved is None)
         finally:
             loop.bar.close()
+            trainer.release(homes[0])
+            teacher.to(homes[1])
             student.train(modes[0])
             teacher.train(modes[1])
     with torch.no_grad():
@@ -288,9 +316,11 @@ def heal(
         held_out_examples=len(held_out),
         options={**options, "budget_seconds": budget_seconds},
     )
-    if state_path is not None:
+    if state_path is not None and loop.main:
         result.save(state_path.parent / RESULT_FILE)
-    log.info("%s", result.summary())
+    processes.barrier()  # the result file is there for every process
+    if loop.main:
+        log.info("%s", result.summary())
     return result
 
 
@@ -298,22 +328,23 @@ class _Loop:
     """The training loop of one ``heal`` call: steps, evaluations, stops and checkpoints."""
 
     def __init__(
-        self, student: Any, teacher: Any, tokenizer: Any, train: Any, held_out: Any, optimizer: Any, scheduler: Any,
-        p: _Progress, options: dict[str, Any], budget: float | None, started: float, state_path: Path | None,
-        key: dict[str, Any], progress: bool,
+        self, trainer: DataParallel, teacher: Any, train: Any, held_out: Any, p: _Progress, options: dict[str, Any],
+        budget: float | None, started: float, state_path: Path | None, key: dict[str, Any], progress: bool,
     ) -> None:
         from tqdm.auto import tqdm
 
-        self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
+        self.trainer, self.student, self.teacher, self.tokenizer = trainer, trainer.model, teacher, trainer.tokenizer
         self.train, self.held_out = train, held_out
-        self.optimizer, self.scheduler, self.p, self.o = optimizer, scheduler, p, options
+        self.p, self.o = p, options
         self.budget, self.started, self.before = budget, started, p.seconds
         self.state_path, self.key = state_path, key
+        self.main = trainer.accelerator.is_main_process
         self.labels = torch.as_tensor(list(held_out["label"]), dtype=torch.long)
         self.window: list[float] = []  # training losses since the last evaluation
         self.step_seconds = 0.0  # the mean duration of this call's steps
         self.steps_here = 0
-        self.bar = tqdm(total=options["max_steps"], initial=p.step, desc="healing", unit="step", disable=not progress)
+        self.bar = tqdm(total=options["max_steps"], initial=p.step, desc="healing", unit="step",
+                        disable=not (progress and self.main))
 
     def elapsed(self) -> float:
         """Seconds of the whole heal so far: earlier calls (to their last checkpoint) plus this one."""
@@ -334,6 +365,8 @@ class _Loop:
         reason = None
         while reason is None:
             reason = self._stop_before_step()
+            if self.budget is not None and self.trainer.world > 1:
+                reason = processes.broadcast(reason)  # the clocks differ: the main process decides
             if reason is not None:
                 break
             self._step(next(batches))
@@ -356,41 +389,35 @@ class _Loop:
         return None
 
     def _batches(self) -> Any:
-        """Training batches forever: each epoch a seeded permutation of the rows, starting at the
-        saved position in it (the step updates ``epoch`` and ``offset``)."""
-        from attribution.core.data import iter_batches
-
-        p, size = self.p, self.o["batch_size"]
+        """Training batches (rows, tokenized by the trainer) forever: each epoch a seeded
+        permutation of the rows, starting at the saved position in it (the step updates ``epoch``
+        and ``offset``)."""
+        p, size, n = self.p, self.o["batch_size"], len(self.train)
         while True:
             generator = torch.Generator().manual_seed(self.o["seed"] * 1000 + p.epoch)
-            order = torch.randperm(len(self.train), generator=generator)[p.offset * size :].tolist()
-            yield from iter_batches(self.train.select(order), self.tokenizer, batch_size=size,
-                                    max_length=self.o["max_length"])
+            rows = self.train.select(torch.randperm(n, generator=generator)[p.offset * size :].tolist())
+            for first in range(0, len(rows), size):
+                yield rows.select(range(first, min(first + size, len(rows))))
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> None:
+    def _loss(self, student: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The distillation loss of one micro-batch (on the trainer's device)."""
+        o = self.o
+        batch = dict(batch)
+        labels = batch.pop("labels", None)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**batch).logits
+        student_logits = student(**batch).logits
+        return distillation_loss(student_logits, teacher_logits, labels, temperature=o["temperature"], alpha=o["alpha"])
+
+    def _step(self, rows: Any) -> None:
         started = time.perf_counter()
         p, o = self.p, self.o
-        batch.pop("index")
-        labels = batch.pop("labels", None)
-        home = next(self.student.parameters()).device
-        with torch.no_grad():
-            where = next(self.teacher.parameters()).device
-            teacher_logits = self.teacher(**{k: v.to(where) for k, v in batch.items()}).logits.to(home)
-        student_logits = self.student(**{k: v.to(home) for k, v in batch.items()}).logits
-        loss = distillation_loss(
-            student_logits, teacher_logits, None if labels is None else labels.to(home),
-            temperature=o["temperature"], alpha=o["alpha"],
-        )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), MAX_GRAD_NORM)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.trainer.step(rows, self._loss)
         p.step += 1
         p.offset += 1
         if p.offset >= math.ceil(len(self.train) / o["batch_size"]):
             p.epoch, p.offset = p.epoch + 1, 0
-        self.window.append(float(loss.item()))
+        self.window.append(loss)
         self.steps_here += 1
         self.step_seconds += (time.perf_counter() - started - self.step_seconds) / self.steps_here
         self.bar.update(1)
@@ -421,7 +448,7 @@ class _Loop:
 
         started = time.perf_counter()
         logits = predict_logits(self.student, self.tokenizer, self.held_out, batch_size=max(64, self.o["batch_size"]),
-                                max_length=self.o["max_length"])
+                                max_length=self.o["max_length"], sharded=True)
         accuracy = int((logits.argmax(-1) == self.labels).sum()) / len(self.labels)
         self.p.eval_seconds = time.perf_counter() - started
         self.p.history.append({"step": self.p.step, "loss": loss, "accuracy": accuracy})
@@ -429,23 +456,25 @@ class _Loop:
         return accuracy
 
     def save(self, best: dict[str, torch.Tensor]) -> None:
-        """One checkpoint file, written atomically (nothing without a checkpoint directory)."""
-        if self.state_path is None:
+        """One checkpoint file, written atomically by the main process (nothing without a
+        checkpoint directory). Every process holds the same weights, optimizer state and RNG
+        state (``prune.training``), so the main process's are everyone's."""
+        if self.state_path is None or not self.main:
             return
         progress = {**asdict(self.p), "seconds": self.elapsed()}
-        save_tensors(
-            {
-                "version": STATE_VERSION,
-                "key": self.key,
-                "progress": progress,
-                "model": self.student.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "best": best,
-            },
-            self.state_path,
-        )
+        state = {
+            "version": STATE_VERSION,
+            "key": self.key,
+            "progress": progress,
+            "model": self.student.state_dict(),
+            "optimizer": self.trainer.optimizer.state_dict(),
+            "scheduler": self.trainer.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "best": best,
+        }
+        if self.trainer.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.trainer.device)
+        save_tensors(state, self.state_path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,8 +134,8 @@ class DataParallel:
                 # accelerator.backward divides by the accumulation steps; the weights already split the batch
                 factor = weight * self.micro
                 accelerator.backward(loss if factor == 1.0 else loss * factor)
-            value = loss.detach().double().cpu()
-            total += value if weight == 1.0 else value * weight
+            value, share = loss.detach().double().cpu(), weight / self.world  # share: of the global batch's rows
+            total += value if share == 1.0 else value * share
         accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule step

@@ -468,9 +468,12 @@ def heal_checkpoint(
     """Heal a pruned checkpoint by distillation from ``teacher`` (``prune.heal.heal``: KL at a
     temperature plus cross-entropy, the wall-clock ``budget``, early stopping on held-out
     validation rows, never worse than the start) and save it to ``out``; resumable: the state
-    is kept in ``out/.heal/`` until the heal finishes. Returns the ``HealResult``."""
+    is kept in ``out/.heal/`` until the heal finishes. Under ``accelerate launch``/``torchrun``
+    every process calls it and heals its shard of each batch; the main process saves. Returns
+    the ``HealResult``."""
     import shutil
 
+    from attribution.core import processes
     from attribution.core.data import as_spec, load_splits
     from prune.checkpoints import load_model, save_pruned
     from prune.heal import heal, parse_duration
@@ -487,7 +490,11 @@ def heal_checkpoint(
     state = Path(out) / ".heal"
     result = heal(student, dense, tokenizer, train, held_out, budget_seconds=seconds, max_steps=max_steps,
                   max_length=max_length, seed=seed, checkpoint_dir=state, progress=progress, **options)
+    if processes.is_distributed() and not processes.is_main_process():
+        processes.barrier()  # every process of a launch heals; the main one saves
+        return result
     save_pruned(student, out, tokenizer)  # replaces the directory (and so the resume state) atomically
     result.save(Path(out) / "heal_result.json")
     shutil.rmtree(state, ignore_errors=True)
+    processes.barrier()
     return result

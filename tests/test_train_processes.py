@@ -188,3 +188,136 @@ def test_two_processes_equal_one(tiny, tmp_path):
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
     assert two["metrics"]["validation"]["accuracy"] == pytest.approx(single.metrics["validation"]["accuracy"])
+
+
+# ---- the heal -------------------------------------------------------------------------------
+
+HEAL = dict(max_steps=11, eval_every=3, patience=100, lr=1e-3, batch_size=8, seed=5, alpha=0.7, progress=False)
+
+
+def _heal_world(root: Path):
+    """Teacher, a noisy student (dropout off: exact comparisons), tokenizer, train and held-out rows."""
+    import copy
+
+    from tests.conftest import tiny_model
+    from tests.prune_helpers import sensitive, tiny_dataset, tiny_tokenizer
+
+    teacher = sensitive(tiny_model("bert", layers=2, heads=2, seed=1), seed=1)
+    student = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.15)
+    # A key bias shifts every score of a query alike, and softmax ignores that: its true gradient is
+    # 0, and Adam would turn the float noise of that 0 into lr-sized steps. Frozen, the comparison
+    # below is of real gradients only.
+    for name, param in student.named_parameters():
+        param.requires_grad_(not name.endswith("attention.self.key.bias"))
+    # 45 rows: batches of 8 and a last one of 5, split 3 + 2 over two processes
+    return teacher, student, tiny_tokenizer(root / "tok"), tiny_dataset(45, seed=12), tiny_dataset(16, seed=13)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _heal_worker(out: str) -> None:
+    import copy
+
+    from attribution.core import processes
+    from prune.heal import heal
+
+    _reset_accelerate()
+    torch.set_num_threads(1)
+    root, rank = Path(out), processes.process_index()
+    teacher, start, tokenizer, train, held_out = _heal_world(root / f"world{rank}")
+    found: dict = {"processes": processes.num_processes()}
+
+    whole = copy.deepcopy(start)
+    result = heal(whole, teacher, tokenizer, train, held_out, checkpoint_dir=root / "whole", **HEAL,
+                  gradient_accumulation_steps=2)
+    found["whole"] = {"history": [vars(p) for p in result.history], "steps": result.steps}
+    torch.save(whole.state_dict(), root / f"whole{rank}.pt")
+
+    killed, seen = copy.deepcopy(start), {"n": 0}
+
+    def kill(module, args, kwargs):  # every process is killed in the forward of step 8
+        if module.training:
+            seen["n"] += 1
+            if seen["n"] > 7:
+                raise _Killed
+
+    handle = killed.register_forward_pre_hook(kill, with_kwargs=True)
+    try:
+        heal(killed, teacher, tokenizer, train, held_out, checkpoint_dir=root / "killed", **HEAL)
+    except _Killed:
+        found["killed"] = True
+    handle.remove()
+    processes.barrier()
+    resumed = copy.deepcopy(start)
+    result = heal(resumed, teacher, tokenizer, train, held_out, checkpoint_dir=root / "killed", **HEAL)
+    found["resumed"] = {"from": result.resumed_from, "history": [vars(p) for p in result.history]}
+    torch.save(resumed.state_dict(), root / f"resumed{rank}.pt")
+
+    # an absurd learning rate from a start that is 100% right on the held-out rows: never worse
+    from attribution.core.predict import predict_logits
+
+    wild = copy.deepcopy(start)
+    predicted = predict_logits(start, tokenizer, held_out).argmax(-1).tolist()
+    perfect = held_out.remove_columns("label").add_column("label", predicted).cast(held_out.features)
+    result = heal(wild, teacher, tokenizer, train, perfect, **{**HEAL, "lr": 50.0, "max_steps": 4, "eval_every": 2})
+    found["wild"] = {
+        "hurt": min(p.accuracy for p in result.history[1:]) < result.start_accuracy == 1.0,
+        "restored": result.restored_start,
+        "start": all(torch.equal(value, start.state_dict()[name]) for name, value in wild.state_dict().items()),
+    }
+
+    budget = copy.deepcopy(start)  # the clocks differ: every process must stop at the main process's step
+    result = heal(budget, teacher, tokenizer, train, held_out, budget_seconds=2.0,
+                  **{**HEAL, "max_steps": None, "eval_every": 5})
+    found["budget"] = {"steps": result.steps, "stopped": result.stopped_because}
+    Path(out, f"heal{rank}.json").write_text(json.dumps(found))
+
+
+def test_two_process_heal_equals_one_resumes_after_a_kill_and_is_never_worse(tmp_path):
+    import copy
+
+    from accelerate import debug_launcher
+
+    from prune.heal import RESULT_FILE, STATE_FILE, heal
+
+    debug_launcher(_heal_worker, args=(str(tmp_path),), num_processes=2)
+    _reset_accelerate()
+    teacher, start, tokenizer, train, held_out = _heal_world(tmp_path / "single")
+    single = copy.deepcopy(start)
+    reference = heal(single, teacher, tokenizer, train, held_out, **HEAL)
+    ranks = [json.loads((tmp_path / f"heal{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["processes"] == ranks[1]["processes"] == 2
+    assert ranks[0] == {**ranks[1], "processes": 2}  # every process took the same decisions
+    found = ranks[0]
+
+    # two processes (and two micro-batches each) = one process, within float summation order
+    assert found["whole"]["steps"] == reference.steps == 11
+    assert [p["accuracy"] for p in found["whole"]["history"]] == [p.accuracy for p in reference.history]
+    losses = [p["loss"] for p in found["whole"]["history"][1:]]
+    assert losses == pytest.approx([p.loss for p in reference.history[1:]], rel=1e-5)
+    moved = False
+    for rank in (0, 1):
+        whole = torch.load(tmp_path / f"whole{rank}.pt", weights_only=True)
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(whole[name], value, rtol=0, atol=1e-6)
+            moved = moved or not torch.allclose(value, start.state_dict()[name], atol=1e-4)
+    assert moved and reference.best_step > 0  # the heal did change the weights
+
+    # killed at step 8 on both processes, resumed from the checkpoint of step 6: the same heal
+    assert found["killed"] and found["resumed"]["from"] == 6
+    assert [p["accuracy"] for p in found["resumed"]["history"]] == [p.accuracy for p in reference.history]
+    losses = [p["loss"] for p in found["resumed"]["history"][1:]]
+    assert losses == pytest.approx([p.loss for p in reference.history[1:]], rel=1e-5)
+    resumed = torch.load(tmp_path / "resumed0.pt", weights_only=True)
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
+    assert (tmp_path / "killed" / RESULT_FILE).is_file() and (tmp_path / "killed" / STATE_FILE).is_file()
+
+    assert found["wild"] == {"hurt": True, "restored": True, "start": True}
+    assert found["budget"]["stopped"] == "budget" and found["budget"]["steps"] >= 1

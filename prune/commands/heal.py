@@ -21,17 +21,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to save the healed model")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+                        help="autocast precision (fp16 needs a GPU); default: what the launch says, else no")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=None, metavar="N",
+                        help="split each process's share of a batch into N micro-batches (same batch size)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from attribution.core import processes
     from prune.workflow import heal_checkpoint
 
     result = heal_checkpoint(
         args.model, args.out, teacher=args.teacher, data=data_spec(args), budget=args.budget, max_steps=args.max_steps,
         train_examples=args.train_examples, held_out_examples=args.held_out_examples, max_length=args.max_length,
-        seed=args.seed, progress=not args.quiet,
+        seed=args.seed, progress=not args.quiet, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
+    if processes.is_distributed() and not processes.is_main_process():
+        return 0  # one report, from the main process
     print(result.summary())
     print(f"saved -> {args.out}")
     return 0

@@ -1,6 +1,9 @@
 """``heal``: distillation of the compressed model from the dense one under the recipe's wall-clock
 budget, early-stopped on validation rows, resumable after a kill (``compress/heal/`` holds its
-checkpoint), never worse than where it started; the healed model goes to ``compress/healed/``."""
+checkpoint), never worse than where it started; the healed model goes to ``compress/healed/``.
+
+Every process runs it: the heal is data-parallel over the processes of a launch (``prune.heal``)
+and the evaluation sharded; the main process alone writes."""
 
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ class HealStage(Stage):
     section = "heal"
     reads = ("compress",)
     writes = ("compress/heal.json", "compress/healed/config.json")
-    main_only = True
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         return {
@@ -49,9 +51,11 @@ class HealStage(Stage):
             checkpoint_dir=ctx.out / "compress" / "heal" / fingerprint[:16], progress=ctx.progress,
         )
         data = ctx.rows("evaluate")
-        metrics = ctx.evaluate(student, data, evaluation.metrics, evaluation.batch_size, sharded=False)
+        metrics = ctx.evaluate(student, data, evaluation.metrics, evaluation.batch_size)
         ctx.log(f"[heal] {result.summary()}")
         ctx.log(f"[heal] healed {metrics_text(metrics)} on {len(data)} {evaluation.split} rows")
+        if not ctx.main:
+            return StageResult({"metrics": metrics, "steps": result.steps}, [])  # the main process writes
         probe = next(iter(ctx.batches(data.select(range(min(16, len(data)))), 16, keep_labels=False)))
         save_checked(student, ctx.out / "compress" / "healed", tokenizer, probe, remote_code=remote_code(ctx))
         HealRun(result.to_dict(), metrics).save(ctx.out / "compress" / "heal.json")
