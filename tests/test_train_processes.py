@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -321,3 +322,53 @@ def test_two_process_heal_equals_one_resumes_after_a_kill_and_is_never_worse(tmp
 
     assert found["wild"] == {"hurt": True, "restored": True, "start": True}
     assert found["budget"]["stopped"] == "budget" and found["budget"]["steps"] >= 1
+
+
+# ---- a recipe under torchrun ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun")
+def test_a_recipe_fine_tunes_and_heals_on_two_processes_as_on_one(tmp_path, monkeypatch):
+    """``torchrun --nproc_per_node 2 -m prune.cli run``: the finetune and heal stages run on both
+    processes (a stage that ran on one would hang the other's collectives); the fine-tuned model
+    is the one-process model within 1e-6 (dropout off), and the heal runs to its step limit."""
+    import os
+    import subprocess
+
+    from tests.test_compress_stages import COMPRESS
+    from tests.tiny_recipe import tiny_recipe
+
+    finetune_section = "finetune:\n  train_examples: 40\n  epochs: 1\n  lr: 1.0e-3\n  batch_size: 8\n  seed: 0\n"
+    recipe = tiny_recipe(tmp_path, **{**COMPRESS, "quantize": "", "cost": "cost: null\n", "finetune": finetune_section})
+    config = tmp_path / "world" / "model" / "config.json"
+    values = json.loads(config.read_text())
+    config.write_text(json.dumps({**values, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent),
+           "HEADPRUNE_CACHE": str(tmp_path / "cache-two")}
+    command = ["torchrun", "--nproc_per_node", "2", "-m", "prune.cli", "run", str(recipe), "--out",
+               str(tmp_path / "two"), "--quiet"]
+    done = subprocess.run(command, env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "finetune.json").read_text())
+    meta = json.loads((Path(two["path"]) / "headprune_finetune.json").read_text())
+    assert meta["compute"]["processes"] == 2 and two["path"].startswith(str(tmp_path / "cache-two"))
+    heal_run = json.loads((tmp_path / "two" / "compress" / "heal.json").read_text())
+    assert heal_run["result"]["steps"] == 4 and heal_run["result"]["stopped_because"] == "max_steps"
+    assert (tmp_path / "two" / "compress" / "healed" / "config.json").is_file()
+
+    monkeypatch.setenv("HEADPRUNE_CACHE", str(tmp_path / "cache-one"))
+    one = finetune(str(tmp_path / "world" / "model"), _spec(recipe), train_examples=40, epochs=1, lr=1e-3,
+                   batch_size=8, max_length=16, seed=0, progress=False)
+    assert one.fingerprint == meta["fingerprint"]
+    a, b = weights(one.path), weights(Path(two["path"]))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+def _spec(recipe: Path):
+    """The data spec of ``recipe`` (what the finetune stage trains on)."""
+    from attribution.core.data import DataSpec
+    from prune.recipe import load_recipe
+
+    return DataSpec(**load_recipe(recipe).section("data"))
