@@ -69,7 +69,7 @@ from transformers import PreTrainedModel
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
 from attribution.core.inputs import validate_inputs
-from attribution.core.io import Record
+from attribution.core.io import Record, timing_field
 from attribution.core.log import get_logger
 
 log = get_logger("refit")
@@ -103,7 +103,7 @@ class SublayerRefit:
     held_out_after: float | None
     action: str
     lam: float
-    seconds: float
+    seconds: float = timing_field()  # in memory only (io.timing_field)
 
     @property
     def applied(self) -> bool:
@@ -122,7 +122,7 @@ class RefitResult(Record):
     tokens: int
     held_out_examples: int
     held_out_tokens: int
-    seconds: float
+    seconds: float = timing_field()  # in memory only (io.timing_field)
     options: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:

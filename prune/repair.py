@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
 from attribution.core.inputs import validate_inputs
-from attribution.core.io import Record
+from attribution.core.io import Record, timing_field
 from attribution.core.log import get_logger
 from prune.surgery import fold_head_scales
 
@@ -79,7 +79,7 @@ class RepairResult(Record):
     layers: list[LayerRepair]
     examples: int
     tokens: int
-    seconds: float
+    seconds: float = timing_field()  # in memory only: the file holds what was computed
     metric_before: dict[str, float] | None = None
     metric_after: dict[str, float] | None = None
     options: dict[str, Any] = field(default_factory=dict)

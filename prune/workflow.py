@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
-from attribution.core.io import Record
+from attribution.core.io import Record, timing_field
 from attribution.scores import HeadScores
 from prune.strategies import select_heads
 
@@ -291,7 +291,7 @@ class PruneReport(Record):
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     repair: dict[str, Any] | None = None
     iterative: dict[str, Any] | None = None
-    seconds: float = 0.0
+    seconds: float = timing_field()  # in memory only (io.timing_field)
 
 
 REPORT_NAME = "prune_report.json"

@@ -169,14 +169,18 @@ def test_repair_result_record_round_trip_and_keys(tmp_path):
     result = _repair_result()
     data = result.to_dict()
     assert data["format"] == "headprune.RepairResult" and data["version"] == 1
-    assert set(data) - {"format", "version"} == {f.name for f in dataclasses.fields(RepairResult)}
+    assert set(data) - {"format", "version"} == {f.name for f in dataclasses.fields(RepairResult)} - {"seconds"}
     assert data["layers"] == [dataclasses.asdict(result.layers[0])]  # nested layers: plain, no tag
+    # the time is kept in memory, not in the file: the same repair writes the same bytes
+    slower = dataclasses.replace(result, seconds=result.seconds + 7.5)
+    assert slower == result and slower.to_dict() == data
     assert RepairResult.from_dict(data) == result
     path = result.save(tmp_path / "repair.json")
     again = RepairResult.load(path)
     assert again == result and isinstance(again.layers[0], LayerRepair)
-    # files of the earlier hand-written layout (no version key) still load
+    # files of the earlier hand-written layout (no version key, a "seconds" key) still load
     path.write_text(json.dumps({**dataclasses.asdict(result), "format": "headprune.RepairResult"}))
+    assert "seconds" in json.loads(path.read_text())
     assert RepairResult.load(path) == result
 
 

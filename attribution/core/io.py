@@ -101,12 +101,25 @@ def save_tensors(obj: Any, path: str | os.PathLike[str]) -> None:
         torch.save(obj, tmp)
 
 
+def timing_field(default: float = 0.0) -> Any:
+    """A dataclass field for a measured time: kept in memory, never written by :func:`to_jsonable`
+    (so a result file's bytes depend only on what was computed, and identical runs write identical
+    files), left out of ``==`` (two runs that computed the same thing are equal), and ignored when an
+    older file that still has it is read."""
+    return dataclasses.field(default=default, compare=False, metadata={"timing": True})
+
+
+def saved_fields(cls_or_obj: Any) -> list[dataclasses.Field]:
+    """The dataclass fields that are written to files: all but :func:`timing_field` ones."""
+    return [f for f in dataclasses.fields(cls_or_obj) if not f.metadata.get("timing")]
+
+
 def to_jsonable(value: Any) -> Any:
-    """Dataclasses, paths, tensors and tuples as plain JSON values."""
+    """Dataclasses (without their timing fields), paths, tensors and tuples as plain JSON values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         if isinstance(value, Record):
             return value.to_dict()
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in saved_fields(value)}
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -167,6 +180,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 def _from_fields(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
+    timings = {f.name for f in dataclasses.fields(cls) if f.metadata.get("timing")}
+    data = {k: v for k, v in data.items() if k not in timings}  # files written before timings left them
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -199,7 +214,7 @@ class Record:
     VERSION: ClassVar[int] = 1
 
     def to_dict(self) -> dict[str, Any]:
-        body = {f.name: to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        body = {f.name: to_jsonable(getattr(self, f.name)) for f in saved_fields(self)}
         return {"format": self.FORMAT, "version": self.VERSION, **body}
 
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from attribution.core.io import Record
+from attribution.core.io import Record, timing_field
 from prune.cost import CostReport
 from prune.export import OnnxExport
 from prune.pipeline.fingerprints import FileDigest
@@ -184,7 +184,7 @@ class CompressRun(Record):
     split: str
     examples: int
     metrics: dict[str, dict[str, float]]
-    seconds: float
+    seconds: float = timing_field()  # in memory only: the stage's time is in stages/compress.time.json
     model_dir: str = "compress/model"
     tolerance_history: list[dict[str, Any]] = field(default_factory=list)
 

@@ -114,8 +114,8 @@ def _repair_blocks(run: RunFiles) -> list[Block]:
         (
             "p",
             "Least-squares rescaling of the surviving heads of each pruned layer on "
-            f"{repair.examples} calibration rows "
-            f"({repair.seconds:.1f} s); relative reconstruction error of the attention output before → after:",
+            f"{repair.examples} calibration rows; relative reconstruction error of the attention output "
+            "before → after:",
         ),
         ("table", ["layer", "heads kept", "error before", "error after", "scales"], rows),
     ]
