@@ -4,7 +4,6 @@ bottom-up inputs, the held-out guard, bias-only sub-layers, heads and feed-forwa
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 
 import numpy as np
