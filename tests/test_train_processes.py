@@ -372,3 +372,47 @@ def _spec(recipe: Path):
     from prune.recipe import load_recipe
 
     return DataSpec(**load_recipe(recipe).section("data"))
+
+
+# ---- mixed precision ------------------------------------------------------------------------
+
+_BF16 = """
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from prune.finetune import finetune
+base, data, out = sys.argv[1:4]
+result = finetune(base, data, train_examples=24, epochs=1, lr=1e-3, batch_size=8, max_length=16, seed=3,
+                  out_dir=Path(out), progress=False)
+print(json.dumps({"fingerprint": result.fingerprint}))
+"""
+
+
+def test_bf16_from_the_launch_is_a_model_of_its_own(tiny, tmp_path):
+    """``ACCELERATE_MIXED_PRECISION=bf16`` (what ``accelerate launch --mixed_precision bf16`` sets)
+    trains under bf16 autocast on the CPU: a model of its own under its own cache key. A process
+    whose Accelerate already runs another precision refuses with one line."""
+    import os
+    import subprocess
+    import sys
+
+    base, data = tiny
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent),
+           "ACCELERATE_MIXED_PRECISION": "bf16", "HEADPRUNE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", _BF16, str(base), str(data), str(tmp_path / "bf16")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads((tmp_path / "bf16" / "headprune_finetune.json").read_text())
+    assert meta["compute"]["mixed_precision"] == "bf16" and meta["config"]["mixed_precision"] == "bf16"
+    full = finetune(str(base), str(data), train_examples=24, epochs=1, lr=1e-3, batch_size=8, max_length=16, seed=3,
+                    out_dir=tmp_path / "full", progress=False)
+    assert full.fingerprint != meta["fingerprint"] and "mixed_precision" not in json.loads(
+        (tmp_path / "full" / "headprune_finetune.json").read_text())["config"]
+    a, b = weights(full.path), weights(tmp_path / "bf16")
+    assert all(a[name].dtype == b[name].dtype == torch.float32 for name in a)  # weights stay float32
+    assert any(not torch.equal(a[name], b[name]) for name in a)  # bf16 arithmetic: other bits
+    # this process already runs Accelerate in full precision
+    with pytest.raises(HeadpruneError, match="cannot set up Accelerate for mixed precision bf16"):
+        finetune(**options(base, data, tmp_path / "again", mixed_precision="bf16"))
+    assert not (tmp_path / "again").exists()
