@@ -13,6 +13,8 @@ from transformers import (
     DistilBertForSequenceClassification,
     ElectraConfig,
     ElectraForSequenceClassification,
+    MPNetConfig,
+    MPNetForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
     XLMRobertaConfig,
@@ -21,7 +23,7 @@ from transformers import (
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead, and developers share the cores
 
-FAMILIES = ("bert", "roberta", "electra", "xlm-roberta", "camembert", "distilbert")
+FAMILIES = ("bert", "roberta", "electra", "xlm-roberta", "camembert", "distilbert", "mpnet")
 VOCAB = 60
 
 
@@ -31,7 +33,7 @@ def tiny_model(family: str = "bert", layers: int = 3, heads: int = 4, labels: in
     common = dict(
         vocab_size=VOCAB, hidden_size=8 * heads, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=37, num_labels=labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        max_position_embeddings=64, pad_token_id=1 if family in ("roberta", "xlm-roberta", "camembert") else 0,
+        max_position_embeddings=64, pad_token_id=1 if family in ("roberta", "xlm-roberta", "camembert", "mpnet") else 0,
     )
     if family == "distilbert":
         config = DistilBertConfig(
@@ -39,6 +41,11 @@ def tiny_model(family: str = "bert", layers: int = 3, heads: int = 4, labels: in
             dropout=0.0, attention_dropout=0.0, max_position_embeddings=64, seq_classif_dropout=0.0,
         )
         return DistilBertForSequenceClassification(config).eval()
+    if family == "mpnet":
+        model = MPNetForSequenceClassification(MPNetConfig(**common, relative_attention_num_buckets=32)).eval()
+        with torch.no_grad():  # a bias as large as the logits (std 0.02 at init would hide mistakes)
+            model.mpnet.encoder.relative_attention_bias.weight.normal_(0.0, 1.0)
+        return model
     classes = {
         "bert": (BertConfig, BertForSequenceClassification),
         "roberta": (RobertaConfig, RobertaForSequenceClassification),
@@ -79,6 +86,12 @@ def padded_batch(
     ids = ids.masked_fill(mask == 0, pad_id)
     ids[:, 0] = 2  # a fixed first token, like [CLS]
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def stock_attention(model) -> str:
+    """The attention implementation a model runs when not instrumented: SDPA, except for MPNet, which
+    computes attention inline (transformers reports it as "eager")."""
+    return "eager" if model.config.model_type == "mpnet" else "sdpa"
 
 
 def pad_id(model) -> int:

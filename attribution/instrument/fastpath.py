@@ -15,7 +15,9 @@ from attribution.core.errors import HeadpruneError
 from attribution.instrument.families import (
     BERT_LIKE,
     attention_modules,
+    attention_scaling,
     encoder_layers,
+    head_bias_mask,
     kept_heads,
     model_family,
     output_projection,
@@ -39,9 +41,10 @@ def start_at_layer(model: PreTrainedModel, layer: int, hidden_states: torch.Tens
     layers = encoder_layers(model)
     if not 0 <= layer < len(layers):
         raise HeadpruneError(f"layer {layer} out of range 0..{len(layers) - 1}")
+    result = (hidden_states,) if model_family(model).layer_returns_tuple else hidden_states
 
-    def skipped(self: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
-        return hidden_states
+    def skipped(self: nn.Module, *args: object, **kwargs: object) -> torch.Tensor | tuple[torch.Tensor]:
+        return result
 
     try:
         for lower in layers[:layer]:
@@ -95,6 +98,8 @@ def inject_attention_output(model: PreTrainedModel, layer: int, output: torch.Te
     def project(self: nn.Module, stand_in: torch.Tensor) -> torch.Tensor:
         return output[:, : stand_in.shape[1]]
 
+    # An instance forward already installed (MPNet's inline attention) comes back on exit.
+    previous = {id(m): m.__dict__.get("forward") for m in (attention, projection)}
     try:
         attention._headprune_output = output
         attention.forward = types.MethodType(heads, attention)
@@ -105,6 +110,8 @@ def inject_attention_output(model: PreTrainedModel, layer: int, output: torch.Te
         for module, function in ((attention, heads), (projection, project)):
             if "forward" in module.__dict__ and module.forward.__func__ is function:
                 del module.forward
+                if previous[id(module)] is not None:
+                    module.forward = previous[id(module)]
 
 
 def reads_first_token_only(model: PreTrainedModel) -> bool:
@@ -129,7 +136,7 @@ def first_token_last_layer(model: PreTrainedModel) -> Iterator[None]:
         return
     family = model_family(model)
     last = encoder_layers(model)[-1]
-    forward = _distilbert_first_token_forward if family.output_inside_attention else _bert_first_token_forward
+    forward = FIRST_TOKEN_FORWARDS[family.layout]
     try:
         last.forward = types.MethodType(forward, last)
         yield
@@ -145,7 +152,7 @@ def _first_token_context(
     bsz, seq, _ = hidden_states.shape
     if "_headprune_output" in attention.__dict__:  # inject_attention_output: a one-position stand-in
         return hidden_states[:, :1]
-    if "forward" in attention.__dict__:  # a layer pruned to zero heads
+    if getattr(attention, "headprune_kept_heads", None) == []:  # a layer pruned to zero heads
         return hidden_states.new_zeros(bsz, 1, 0)
     d_h = attention.attention_head_size
     query, key, value = (getattr(attention, name) for name in names)
@@ -159,7 +166,9 @@ def _first_token_context(
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :1, :]
     dropout = attention.dropout.p if attention.training else 0.0
-    context, _ = headprune_attention(attention, q, k, v, attention_mask, scaling=attention.scaling, dropout=dropout)
+    context, _ = headprune_attention(
+        attention, q, k, v, attention_mask, scaling=attention_scaling(attention), dropout=dropout
+    )
     return context.reshape(bsz, 1, -1)
 
 
@@ -181,7 +190,7 @@ def _first_token_context_absorbed(
     heads = query.out_features // d_h
     q = query(hidden_states[:, 0]).view(bsz, heads, d_h)
     q_in_input_space = torch.einsum("bhd,hdk->bhk", q, key.weight.view(heads, d_h, dim))  # [B, H, D]
-    scores = torch.bmm(q_in_input_space, hidden_states.transpose(1, 2)) * attention.scaling  # [B, H, T]
+    scores = torch.bmm(q_in_input_space, hidden_states.transpose(1, 2)) * attention_scaling(attention)  # [B, H, T]
     if attention_mask is not None:
         row = attention_mask[:, :, 0, :] if attention_mask.dim() == 4 else attention_mask[:, None, :]
         if row.dtype == torch.bool:
@@ -219,6 +228,26 @@ def _distilbert_first_token_forward(
     context = _first_token_context(self.attention, hidden_states, attention_mask, ("q_lin", "k_lin", "v_lin"))
     attention_output = self.sa_layer_norm(self.attention.out_lin(context) + hidden_states[:, :1])
     return self.output_layer_norm(self.ffn(attention_output) + attention_output)
+
+
+def _mpnet_first_token_forward(
+    self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None, *args: object, **kwargs: object,
+) -> tuple[torch.Tensor]:
+    attention = self.attention.attn
+    # the present heads' rows of the shared position bias join the padding mask, as in every layer
+    mask = head_bias_mask(attention, attention_mask, position_bias)
+    context = _first_token_context(attention, hidden_states, mask, ("q", "k", "v"))
+    attention_output = self.attention.LayerNorm(attention.o(context) + hidden_states[:, :1])
+    return (self.output(self.intermediate(attention_output), attention_output),)
+
+
+# The last layer computing the first token only, per layer layout (``Family.layout``).
+FIRST_TOKEN_FORWARDS = {
+    "bert": _bert_first_token_forward,
+    "distilbert": _distilbert_first_token_forward,
+    "mpnet": _mpnet_first_token_forward,
+}
 
 
 def layer_inputs(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -12,11 +12,15 @@ from transformers import PreTrainedModel
 
 from attribution.core.errors import HeadpruneError
 from attribution.instrument.families import (
+    attention_scaling,
     encoder_layers,
+    inner_output,
     kept_heads,
     model_family,
+    position_bias,
     submodule,
 )
+from attribution.instrument.probe import install_inline_attention
 
 # --------------------------------------------------------------------------------------------
 # Physical head removal
@@ -54,15 +58,17 @@ def set_submodule(obj: object, path: str, value: nn.Module) -> None:
 def _empty_attention_forward(self: nn.Module, hidden_states: torch.Tensor, *args: object, **kwargs: object):
     # A layer with no heads left: the context is empty, so the output projection gives its bias.
     context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-    inner_output = getattr(self, "_headprune_inner_output", None)
-    return (getattr(self, inner_output)(context) if inner_output else context), None
+    inner = getattr(self, "_headprune_inner_output", None)
+    return (submodule(self, inner)(context) if inner else context), None
 
 
 def keep_heads_in_layer(model: PreTrainedModel, layer: int, keep: list[int]) -> None:
     """Keep only the heads ``keep`` (original indices, a subset of those present) of ``layer``.
 
     Slices the query/key/value output rows and the output projection's input columns. A layer
-    left with no heads then contributes exactly its output projection's bias.
+    left with no heads then contributes exactly its output projection's bias. A family with a shared
+    position bias (MPNet) keeps the bias module whole: the layer's forward (installed here) adds the
+    bias rows of the heads it keeps.
     """
     family = model_family(model)
     layer_module = encoder_layers(model)[layer]
@@ -95,9 +101,9 @@ def keep_heads_in_layer(model: PreTrainedModel, layer: int, keep: list[int]) -> 
     if mask is not None:
         attention.headprune_head_mask = mask[positions] if keep else None
     if not keep:
-        if family.output_inside_attention:
-            attention._headprune_inner_output = family.output.rsplit(".", 1)[-1]
+        attention._headprune_inner_output = inner_output(family)
         attention.forward = types.MethodType(_empty_attention_forward, attention)
+    install_inline_attention(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +116,9 @@ class HeadProjections:
     """One layer's per-head projections of the hidden states entering it (current heads).
 
     ``query``/``key``/``value`` ``[B, H_l, T, d_h]`` (biases included; the logits are
-    ``scaling * query @ key^T`` plus the padding mask); ``transformed`` ``[B, H_l, T, D]`` is each
+    ``scaling * query @ key^T`` plus ``position_bias`` and the padding mask); ``position_bias``
+    ``[B, H_l, T, T]`` is the layer's share of a family's relative position bias (MPNet), None for
+    families without one; ``transformed`` ``[B, H_l, T, D]`` is each
     token's value through head h's slice of the output projection (bias excluded): the vector head
     h writes into token i's attention output per unit of attention ``A[h, i, j]`` on token j, so
     ``sum_h A_h @ transformed_h + output bias`` is the attention block's output before residual
@@ -122,6 +130,7 @@ class HeadProjections:
     value: torch.Tensor
     transformed: torch.Tensor
     scaling: float
+    position_bias: torch.Tensor | None = None
 
 
 def head_projections(model: PreTrainedModel, layer: int, hidden_states: torch.Tensor) -> HeadProjections:
@@ -146,5 +155,7 @@ def head_projections(model: PreTrainedModel, layer: int, hidden_states: torch.Te
     weight = submodule(layer_module, family.output).weight  # [D, H_l * d_h]
     per_head = weight.view(weight.shape[0], n_heads, d_h).permute(1, 2, 0)  # [H_l, d_h, D]
     transformed = torch.einsum("bhtd,hde->bhte", value, per_head)
-    scaling = float(getattr(attention, "scaling", d_h**-0.5))
-    return HeadProjections(query, key, value, transformed, scaling)
+    bias = position_bias(model, hidden_states)
+    if bias is not None:
+        bias = bias[:, kept_heads(model)[layer]]
+    return HeadProjections(query, key, value, transformed, attention_scaling(attention), bias)

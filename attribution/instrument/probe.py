@@ -1,8 +1,15 @@
 """Capturing attention probabilities, replacing them, and gating heads, through transformers' attention
-interface (``"headprune"``, registered with both the attention and the attention-mask interface)."""
+interface (``"headprune"``, registered with both the attention and the attention-mask interface).
+
+Families that compute attention inline (MPNet; ``Family.interface`` is False) are routed to the same
+``headprune_attention`` by :func:`inline_attention_forward`, installed on each attention module
+while anything needs it (a probe, a persistent mask, removed heads) and removed afterwards, so an
+uninstrumented dense model runs its own code.
+"""
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import torch
@@ -14,8 +21,15 @@ from attribution.core.errors import HeadpruneError
 from attribution.instrument.families import (
     ATTN_IMPLEMENTATION,
     attention_modules,
+    attention_scaling,
     checked_mask,
+    head_bias_mask,
     heads_per_layer,
+    inner_output,
+    kept_heads,
+    model_family,
+    original_num_heads,
+    submodule,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -96,12 +110,17 @@ class AttentionProbe:
 
 def _use_headprune_attention(model: PreTrainedModel) -> str:
     previous = model.config._attn_implementation
-    if previous != ATTN_IMPLEMENTATION:
+    if not model_family(model).interface:
+        install_inline_attention(model)
+    elif previous != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return previous
 
 
 def _restore_attention(model: PreTrainedModel, previous: str | None) -> None:
+    if not model_family(model).interface:
+        _release_inline_attention(model)
+        return
     # A persistent head mask needs our implementation to stay on.
     wanted = ATTN_IMPLEMENTATION if _has_persistent_mask(model) else (previous or "sdpa")
     if wanted == ATTN_IMPLEMENTATION and model.config._attn_implementation != ATTN_IMPLEMENTATION:
@@ -177,6 +196,74 @@ def apply_gates(
     return output * (gate[:, :, None, None] if gate.dim() == 2 else gate[None, :, None, None])
 
 
+def inline_attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
+    output_attentions: bool = False,
+    **kwargs: object,
+) -> tuple[torch.Tensor, ...]:
+    """The forward headprune installs on an inline-attention module (MPNet's ``MPNetSelfAttention``,
+    same signature and outputs): ``hidden_states`` ``[B, T, D]`` -> ``(output [B, T, D],)`` (plus the
+    probabilities when ``output_attentions``).
+
+    Computes what the module computes (``softmax(q k^T / sqrt(d_h) + bias + mask) v`` through the
+    output projection), with the present heads' rows of the shared position bias folded into the
+    additive mask (:func:`head_bias_mask`), through :func:`headprune_attention`: probe, gates and
+    persistent masks act exactly as for the other families, and SDPA runs when nothing reads the
+    probabilities.
+    """
+    family = self._headprune_family
+    bsz, seq, _ = hidden_states.shape
+    d_h = self.attention_head_size
+    query, key, value = (
+        submodule(self, path)(hidden_states).view(bsz, seq, -1, d_h).transpose(1, 2)
+        for path in (family.query, family.key, family.value)
+    )
+    mask = head_bias_mask(self, attention_mask, position_bias)
+    context, probs = headprune_attention(
+        self, query, key, value, mask, scaling=attention_scaling(self), dropout=self.dropout.p
+    )
+    output = submodule(self, self._headprune_inner_output)(context.reshape(bsz, seq, -1))
+    return (output, probs) if output_attentions else (output,)
+
+
+def _is_inline(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ is inline_attention_forward
+
+
+def install_inline_attention(model: PreTrainedModel) -> None:
+    """Route a family that computes attention inline through :func:`inline_attention_forward`
+    (idempotent; a no-op for families using the attention interface). Layers pruned to no heads
+    keep their empty forward."""
+    family = model_family(model)
+    if family.interface:
+        return
+    inner = inner_output(family)
+    for module in attention_modules(model):
+        if "forward" in module.__dict__:  # ours already, or a layer with no heads left
+            continue
+        module._headprune_family = family
+        module._headprune_inner_output = inner
+        module.forward = types.MethodType(inline_attention_forward, module)
+
+
+def _release_inline_attention(model: PreTrainedModel) -> None:
+    """Give an inline-attention model its own forward back once nothing needs ours: no probe, no
+    persistent head mask and no head removed (removed heads need the bias sliced in every pass)."""
+    modules = attention_modules(model)
+    if any(getattr(m, "_headprune_probe", None) is not None for m in modules) or _has_persistent_mask(model):
+        return
+    heads = original_num_heads(model)
+    if any(len(kept) != heads for kept in kept_heads(model)):
+        return
+    for module in modules:
+        if _is_inline(module):
+            del module.forward
+
+
 AttentionInterface.register(ATTN_IMPLEMENTATION, headprune_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
 
@@ -207,6 +294,8 @@ def set_head_mask(model: PreTrainedModel, mask: list[torch.Tensor | None] | None
         module.headprune_head_mask = gate
     if _has_persistent_mask(model):
         _use_headprune_attention(model)
+    elif not model_family(model).interface:
+        _release_inline_attention(model)
     elif model.config._attn_implementation == ATTN_IMPLEMENTATION and not any(
         getattr(m, "_headprune_probe", None) for m in modules
     ):
