@@ -18,12 +18,14 @@ from attribution.core import assemble
 from attribution.core.assemble import ConcatenatedParts, SplitModel
 from attribution.core.cache import base_model_path
 from attribution.core.errors import HeadpruneError
+from attribution.relevance import RELEVANCE_METHODS, make_relevance
 from prune.checkpoints import load_model, save_pruned
 from prune.masking import mask_heads, mask_neurons
 from prune.surgery import remove_heads, remove_neurons
 from tests.conftest import pad_id, padded_batch, tiny_model
 from tests.prune_helpers import sensitive
 from tests.reference import reference_attattr
+from tests.test_relevance import FAST_OPTIONS, one_by_one
 
 LAYERS, HEADS = 3, 4
 
@@ -237,19 +239,48 @@ def test_pruned_attattr_equals_masked_attattr():
         torch.testing.assert_close(removed[:, layer, heads], ours[:, layer, heads], atol=1e-6, rtol=0)
 
 
-def test_head_projections_reproduce_the_captured_probabilities():
-    """The per-head Q/K plus the layer's share of the position bias give MPNet's attention."""
+def test_head_projections_reproduce_the_captured_probabilities_and_output():
+    """The per-head Q/K plus the layer's share of the position bias give MPNet's attention, and the
+    per-head transformed values rebuild its output projection's output (what TokenTM measures)."""
     model = _model()
     batch = _batch(model)
     instrument.keep_heads_in_layer(model, 1, [0, 3])
     hidden = instrument.layer_inputs(model, batch)
-    with torch.no_grad(), instrument.AttentionProbe(model, capture=True) as probe:
-        model(**batch)
-        for layer in range(LAYERS):
-            p = instrument.head_projections(model, layer, hidden[layer])
-            logits = p.scaling * p.query @ p.key.transpose(-1, -2) + p.position_bias
-            logits = logits.masked_fill(batch["attention_mask"][:, None, None, :] == 0, float("-inf"))
-            torch.testing.assert_close(torch.softmax(logits, -1), probe.attentions[layer], atol=1e-6, rtol=0)
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [
+        instrument.output_projection(model, layer).register_forward_hook(
+            lambda module, args, out, layer=layer: outputs.setdefault(layer, out.detach())
+        )
+        for layer in range(LAYERS)
+    ]
+    try:
+        with torch.no_grad(), instrument.AttentionProbe(model, capture=True) as probe:
+            model(**batch)
+            for layer in range(LAYERS):
+                p = instrument.head_projections(model, layer, hidden[layer])
+                logits = p.scaling * p.query @ p.key.transpose(-1, -2) + p.position_bias
+                logits = logits.masked_fill(batch["attention_mask"][:, None, None, :] == 0, float("-inf"))
+                probs = probe.attentions[layer]
+                torch.testing.assert_close(torch.softmax(logits, -1), probs, atol=1e-6, rtol=0)
+                rebuilt = torch.einsum("bhij,bhjd->bid", probs, p.transformed)
+                rebuilt = rebuilt + instrument.output_projection(model, layer).bias
+                torch.testing.assert_close(rebuilt, outputs[layer], atol=1e-5, rtol=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", [n for n in RELEVANCE_METHODS if n != "random"])
+def test_token_relevance_on_a_pruned_mpnet(name):
+    model = _model(5)
+    remove_heads(model, {0: [1], 1: list(range(HEADS))})
+    batch = _batch(model, 7)
+    method = make_relevance(name, model, **FAST_OPTIONS.get(name, {}))
+    target = torch.tensor([0, 2, 1])
+    batched = method.attribute(batch, target=target)
+    assert torch.isfinite(batched).all() and batched.abs().sum() > 0
+    assert (batched[batch["attention_mask"] == 0] == 0).all()
+    torch.testing.assert_close(batched, one_by_one(method, batch, target), atol=1e-5, rtol=1e-4)
 
 
 def test_neurons_masked_equals_removed():
