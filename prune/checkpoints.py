@@ -37,9 +37,10 @@ from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.core.cache import base_model_path
-from attribution.core.errors import HeadpruneError
+from attribution.core.errors import HeadpruneError, one_line
 from attribution.core.io import apply_umask
 from attribution.core.log import get_logger
+from attribution.core.remote_code import refuse_remote_code, remote_code_allowed
 
 # The key is defined beside remove_heads, which keeps a model's config in step with its heads.
 from prune.surgery import KEPT_HEADS_KEY, KEPT_NEURONS_KEY, bake_mask
@@ -103,6 +104,7 @@ def load_model(
     shown = os.fspath(name_or_path)
     target = resolve_model(name_or_path, progress=progress)
     path = Path(target)
+    refuse_remote_code(path, shown)
     if path.is_dir() and (read_kept_heads(path) is not None or read_kept_neurons(path) is not None):
         model = _load_pruned(path)
     else:
@@ -156,6 +158,7 @@ def save_pruned(
                 delattr(config, key)
         model.save_pretrained(tmp, safe_serialization=True)
         _set_remote_code(tmp, remote_code)
+        _stamp_weights(tmp, recorded)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         apply_umask(tmp)  # mkdtemp and the safetensors writer make them private (0700 / 0600)
@@ -215,6 +218,10 @@ def _read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise HeadpruneError(f"{directory} is not a model directory (no config.json in it)") from None
     except json.JSONDecodeError as error:
         raise HeadpruneError(f"{path} is not valid JSON: {error}") from None
+    except UnicodeDecodeError:
+        raise HeadpruneError(f"{path} is not UTF-8 text") from None
+    except OSError as error:
+        raise HeadpruneError(f"cannot read {path}: {error.strerror or error}") from None
     if not isinstance(config, dict):
         raise HeadpruneError(f"{path} is not a model config (a JSON object)")
     return config
@@ -232,12 +239,72 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     return (str(error).strip().splitlines() or [""])[0][:limit]
 
 
+def _unreadable_weights(error: BaseException) -> bool:
+    """An error of the safetensors reader (truncated or random bytes), or of the OS reading a file."""
+    return type(error).__module__.split(".")[0] == "safetensors" or isinstance(error, OSError)
+
+
+# Beside the config, the safetensors header records which original heads/neurons the weights hold:
+# a config edited to list other indices with the same counts would otherwise load the wrong units.
+def _stamp_weights(directory: Path, recorded: dict[str, Any]) -> None:
+    """Add ``recorded`` (JSON-encoded, None values left out) to the ``__metadata__`` of every
+    safetensors file in ``directory``; tensors and their offsets are unchanged."""
+    stamp = {key: json.dumps(value, separators=(",", ":")) for key, value in recorded.items() if value is not None}
+    if not stamp:
+        return
+    for file in sorted(directory.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+            data = handle.read()
+        header["__metadata__"] = {**(header.get("__metadata__") or {}), **stamp}
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+        with open(file, "wb") as handle:
+            handle.write(len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+def _weights_metadata(file: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:
+        if _unreadable_weights(error):
+            raise HeadpruneError(f"unreadable weights {file}: {one_line(str(error), 200)}") from None
+        raise
+
+
+def _check_stamp(path: Path, key: str, kept: list[list[int]] | None, config_file: Path) -> None:
+    """The indices in config.json must be those the weights were saved with (when recorded there)."""
+    for file in sorted(path.glob("*.safetensors")):
+        stamped = _weights_metadata(file).get(key)
+        if stamped is None:
+            continue  # written before headprune recorded it, or by another tool
+        try:
+            saved = json.loads(stamped)
+        except ValueError:
+            raise HeadpruneError(f"{file}: malformed {key} in the weights' metadata") from None
+        if kept is None or [sorted(k) for k in saved] != kept:
+            raise HeadpruneError(
+                f"{key} in {config_file} does not match the units the weights in {file.name} were saved with "
+                f"({one_line(stamped, 120)}); the config was edited or belongs to other weights"
+            )
+
+
 def _load_dense(target: str, shown: str, *, local_files_only: bool) -> PreTrainedModel:
     from transformers import AutoModelForSequenceClassification
 
     try:
-        return AutoModelForSequenceClassification.from_pretrained(target, local_files_only=local_files_only)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        return AutoModelForSequenceClassification.from_pretrained(
+            target, local_files_only=local_files_only, trust_remote_code=remote_code_allowed()
+        )
+    except Exception as error:
+        if type(error).__module__.split(".")[0] == "safetensors":
+            raise HeadpruneError(f"unreadable weights in {shown}: {one_line(str(error), 200)}") from None
+        if not isinstance(error, (OSError, ValueError, KeyError, RuntimeError, ImportError)):
+            raise
         where = "a local directory" if Path(target).exists() else "a local directory or a reachable hub id"
         raise HeadpruneError(
             f"cannot load model {shown!r}: expected {where} ({type(error).__name__}: {_first_line(error)})"
@@ -251,25 +318,45 @@ def _load_tokenizer(target: str, shown: str, *, local_files_only: bool) -> Any:
     if path.is_dir() and not any(path.glob("tokenizer*")) and not any(path.glob("vocab*")):
         raise HeadpruneError(f"no tokenizer saved with the model in {shown} (load it with tokenizer=False)")
     try:
-        return AutoTokenizer.from_pretrained(target, local_files_only=local_files_only or path.is_dir())
-    except (OSError, ValueError, KeyError) as error:
+        return AutoTokenizer.from_pretrained(
+            target, local_files_only=local_files_only or path.is_dir(), trust_remote_code=remote_code_allowed()
+        )
+    except Exception as error:
+        if not isinstance(error, (OSError, ValueError, KeyError, ImportError)) and not _from_tokenizers(error):
+            raise
         raise HeadpruneError(
             f"cannot load the tokenizer of {shown!r} ({type(error).__name__}: {_first_line(error)})"
         ) from None
 
 
-def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+def _from_tokenizers(error: BaseException) -> bool:
+    return type(error).__module__.split(".")[0] == "tokenizers"
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(file))
+    except Exception as error:
+        if _unreadable_weights(error):
+            raise HeadpruneError(f"unreadable weights {file}: {one_line(str(error), 200)}") from None
+        raise
+
+
+def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     single = directory / "model.safetensors"
     if single.is_file():
-        return load_file(str(single))
+        return _read_weights(single)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise HeadpruneError(f"unreadable {index}: {one_line(str(error), 200)}") from None
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(directory / shard)))
+            state.update(_read_weights(directory / str(shard)))
         return state
     raise HeadpruneError(f"no safetensors weights in {directory} (expected model.safetensors)")
 
@@ -301,11 +388,13 @@ def _load_pruned(path: Path) -> PreTrainedModel:
     config_file = path / "config.json"
     raw_heads, raw_neurons = read_kept_heads(path), read_kept_neurons(path)
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=remote_code_allowed())
     except (OSError, ValueError, KeyError) as error:
         raise HeadpruneError(f"cannot read the config in {path}: {_first_line(error)}") from None
-    model = AutoModelForSequenceClassification.from_config(config)
+    # headprune rebuilds the architecture itself: an auto_map's file is never imported here
+    model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False)
     layers = len(instrument.encoder_layers(model))
+    kept = neurons = None
     if raw_heads is not None:
         heads = instrument.original_num_heads(model)
         kept = _recorded_indices(raw_heads, KEPT_HEADS_KEY, config_file, layers, heads, "head")
@@ -332,6 +421,8 @@ def _load_pruned(path: Path) -> PreTrainedModel:
         raise HeadpruneError(
             f"weights in {weights} do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    _check_stamp(path, KEPT_HEADS_KEY, kept, config_file)
+    _check_stamp(path, KEPT_NEURONS_KEY, neurons, config_file)
     setattr(model.config, KEPT_HEADS_KEY, instrument.kept_heads(model))
     if raw_neurons is not None:
         setattr(model.config, KEPT_NEURONS_KEY, instrument.kept_neurons(model))

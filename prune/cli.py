@@ -6,9 +6,11 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+import typing
 from collections.abc import Callable
 
-from attribution.core.errors import HeadpruneError
+from attribution.core.errors import describe_error
 from attribution.core.log import get_logger
 
 # name -> (module, one-line help); each module has add_arguments(parser) and run(args) -> int
@@ -28,10 +30,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line too (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with ``only``, the options of that one command alone (the others
     are listed but not built: building ``attribute`` imports torch for its criteria's options)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="headprune",
         description="Find which attention heads of a BERT-like encoder matter, show why, and remove the rest.",
     )
@@ -41,6 +50,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         dest="global_quiet",
         action="store_true",
         help="only warnings and errors: no progress messages or bars (as each command's --quiet)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, also print the Python traceback (for bug reports)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
@@ -110,12 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             logger.setLevel(logging.WARNING)
         try:
             return int(args._run(args) or 0)
-        except HeadpruneError as error:
-            print(f"headprune: error: {error}", file=sys.stderr)
-            return 2
         except KeyboardInterrupt:
             print("headprune: interrupted", file=sys.stderr)
             return 130
+        except Exception as error:  # the one error boundary: one line, never a traceback unasked
+            if args.debug:
+                traceback.print_exc(file=sys.stderr)
+            message, code = describe_error(error)
+            hint = "" if code == 2 or args.debug else " (run again with --debug for the traceback)"
+            print(f"headprune: error: {message}{hint}", file=sys.stderr)
+            return code
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
