@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from attribution.core.errors import describe_error
 from attribution.core.log import get_logger
+from attribution.core.remote_code import allow_remote_code
 
 # name -> (module, one-line help); each module has add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -62,6 +63,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is None or only == name:
             module = importlib.import_module(module_name)
             module.add_arguments(command)
+            if name != "validate":  # every other command loads a model (run: also the recipe key)
+                command.add_argument(
+                    "--trust-remote-code",
+                    action="store_true",
+                    help="run Python code shipped with the model (an auto_map in its config); off by default: "
+                    "such a model is refused",
+                )
             command.set_defaults(_run=module.run)
     return parser
 
@@ -117,13 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         parser = build_parser(_command(argv))
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # --help (0) or a usage error (2, one line): a status, not an exit
+            return done.code if isinstance(done.code, int) else 2
         if args.global_quiet and hasattr(args, "quiet"):
             args.quiet = True  # the command's own --quiet: no progress bars either
         if args.global_quiet or getattr(args, "quiet", False):
             logger.setLevel(logging.WARNING)
         try:
-            return int(args._run(args) or 0)
+            with allow_remote_code(getattr(args, "trust_remote_code", False)):
+                return int(args._run(args) or 0)
         except KeyboardInterrupt:
             print("headprune: interrupted", file=sys.stderr)
             return 130

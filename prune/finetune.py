@@ -31,6 +31,8 @@ from attribution.core.cache import DEFAULT_BASE_MODEL, base_model_path, cache_di
 from attribution.core.errors import HeadpruneError
 from attribution.core.io import apply_umask
 from attribution.core.log import get_logger
+from attribution.core.remote_code import refuse_remote_code, remote_code_allowed
+from attribution.core.validate import check_seed
 
 if TYPE_CHECKING:
     from attribution.core.data import DataSpec
@@ -48,6 +50,8 @@ log = get_logger("finetune")
 
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise HeadpruneError(f"{name.replace('_', ' ')} must be a finite number, got {value!r}")
         if not value > 0:
             raise HeadpruneError(f"{name.replace('_', ' ')} must be positive, got {value}")
 
@@ -77,6 +81,7 @@ class FinetuneConfig:
         _check_positive(train_examples=self.train_examples, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
         if self.max_length < 8:
             raise HeadpruneError(f"max_length must be at least 8, got {self.max_length}")
+        check_seed(self.seed, "seed")
 
     def key(self) -> dict[str, Any]:
         """The JSON-able arguments that determine the trained weights (the fingerprint's input):
@@ -400,6 +405,7 @@ def _load_base(base: str, names: list[str]) -> tuple[Any, Any]:
         raise HeadpruneError(f"{base} is not a model directory (no config.json in it)")
     if not path.exists() and (target.startswith(("/", ".", "~")) or target.count("/") > 1):
         raise HeadpruneError(f"model directory not found: {base}")
+    refuse_remote_code(path, base)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier weights newly initialised" report is expected
     try:
@@ -410,6 +416,7 @@ def _load_base(base: str, names: list[str]) -> tuple[Any, Any]:
             label2id={name: i for i, name in enumerate(names)},
             ignore_mismatched_sizes=True,  # an existing head of another size is replaced
             output_loading_info=True,
+            trust_remote_code=remote_code_allowed(),
         )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         first = (str(error).strip().splitlines() or [""])[0][:200]
@@ -425,7 +432,7 @@ def _load_base(base: str, names: list[str]) -> tuple[Any, Any]:
             "cannot be fine-tuned; fine-tune the dense model, then prune"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=remote_code_allowed())
     except (OSError, ValueError, KeyError) as error:
         first = (str(error).strip().splitlines() or [""])[0][:200]
         raise HeadpruneError(f"cannot load the tokenizer of {base!r} ({type(error).__name__}: {first})") from None

@@ -156,24 +156,24 @@ def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attribution.core.data import load_splits
-    from attribution.core.errors import HeadpruneError
+    from attribution.core.validate import check_output_file, check_seed
     from attribution.criteria import make_criterion, score_in_shards
-    from prune.checkpoints import load_model
+    from prune.commands.checks import at_least, checked_data, checked_model
 
-    if args.examples < 1:
-        raise HeadpruneError(f"--examples must be at least 1, got {args.examples}")
-    if args.batch_size < 1:
-        raise HeadpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.shard_size < 1:
-        raise HeadpruneError(f"--shard-size must be at least 1, got {args.shard_size}")
-    criterion = make_criterion(args.criterion, **criterion_options(args))  # fails before any loading
+    at_least(args, 1, "examples", "batch_size", "shard_size")
+    options = criterion_options(args)
+    if "seed" in options:
+        check_seed(options["seed"], "--seed")
+    criterion = make_criterion(args.criterion, **options)  # fails before any loading
+    check_output_file(args.out)
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model, progress=not args.quiet)
+    model, tokenizer = checked_model(args.model, max_length=args.max_length, progress=not args.quiet)
     # fresh, aligned storage for weights loaded from safetensors (see prune.pipeline.context): CPU
     # kernels take the same code paths in every process, so the scores match bit for bit
     model = copy.deepcopy(model)
-    split = load_splits(data_spec(args))[args.split]
+    split = checked_data(data_spec(args), model, args.split)[args.split]
     examples = min(args.examples, len(split))
     # Length-sorted batches inside each shard cut padding; the shards are merged in order.
     scores = score_in_shards(

@@ -46,14 +46,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print one line per metric (on the main process only)."""
     from attribution.core import processes
+    from attribution.core.data import DataSpec
     from attribution.core.errors import HeadpruneError
+    from attribution.core.validate import check_output_file
+    from prune.commands.checks import at_least, preflight
     from prune.evaluate import evaluate_model
+    from prune.metrics import compute_metrics
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if not metrics:
         raise HeadpruneError("--metrics names no metric")
-    if args.batch_size < 1:
-        raise HeadpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    compute_metrics([0], [0], metrics)  # unknown names
+    at_least(args, 1, "batch_size", "max_examples")
+    if args.out:
+        check_output_file(args.out)
+    data = DataSpec(name=args.data, max_length=args.max_length)
+    preflight(args.model, data=data, max_length=args.max_length, split=args.split, progress=not args.quiet)
     result = evaluate_model(
         args.model,
         data_spec(args),

@@ -49,12 +49,19 @@ def method_options(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from attribution.core.validate import check_output_file, check_seed
     from attribution.explain_html import explain_text
     from attribution.relevance import parse_methods
-    from prune.checkpoints import load_model
+    from prune.commands.checks import checked_model
 
     methods = parse_methods(args.methods)  # fail on a typo before loading anything
-    model, tokenizer = load_model(args.model)
+    check_seed(args.seed, "--seed")
+    options = method_options(args)
+    for path, name in ((args.out, "--out"), (args.png or Path(args.out).with_suffix(".png"), "--png"),
+                       (args.json, "--json")):
+        if path is not None:
+            check_output_file(path, name)
+    model, tokenizer = checked_model(args.model, max_length=args.max_length)
     explanation = explain_text(
         model,
         tokenizer,
@@ -63,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         methods,
         target=args.target,
         max_length=args.max_length,
-        method_options=method_options(args),
+        method_options=options,
     )
     explanation.provenance["model"] = args.model
     html_path = explanation.save_html(args.out)

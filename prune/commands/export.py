@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+# opsets the TorchScript exporter (the one headprune uses, dynamo=False) writes
+MIN_OPSET, MAX_OPSET = 14, 20
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the export options."""
@@ -25,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the directory to write: model.onnx, config.json and the tokenizer files (a new or empty "
         "directory, or an earlier export, which is replaced)",
     )
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    parser.add_argument(
+        "--opset", type=int, default=17, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default: %(default)s)"
+    )
     parser.add_argument(
         "--atol",
         type=float,
@@ -40,16 +45,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export, check against PyTorch, print the file, the difference and (optionally) latency."""
     from attribution.core.errors import HeadpruneError
+    from attribution.core.validate import check_finite, check_output_dir, position_limit
     from attribution.instrument import kept_heads
     from prune.export import check_export_directory, example_batch, export_directory
 
-    if args.opset < 14:
-        raise HeadpruneError(f"--opset must be at least 14, got {args.opset}")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise HeadpruneError(f"--opset must lie in {MIN_OPSET}..{MAX_OPSET}, got {args.opset}")
+    check_finite(args.atol, "--atol", positive=True)
     check_export_directory(args.out)  # before loading: a wrong --out fails at once
+    check_output_dir(args.out)
     model, tokenizer = _model_and_tokenizer(args.model)
     latency = None
     if args.latency:
-        latency = {size: example_batch(model, batch_size=size, length=64, padded=False) for size in (1, 32)}
+        length = min(64, position_limit(model.config) or 64)
+        latency = {size: example_batch(model, batch_size=size, length=length, padded=False) for size in (1, 32)}
     result = export_directory(model, args.out, tokenizer, opset=args.opset, atol=args.atol, latency_batches=latency)
     heads = sum(len(k) for k in kept_heads(model))
     print(f"wrote {result.path} ({result.file_bytes / 1e6:.1f} MB, opset {result.opset}, {heads} heads)")

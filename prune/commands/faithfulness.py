@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from prune.commands._data import add_data_arguments, data_spec
 
@@ -51,22 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from attribution.core.data import iter_batches, load_splits
-    from attribution.core.errors import HeadpruneError
+    from attribution.core.validate import check_output_dir, check_seed
     from attribution.faithfulness import DEFAULT_FRACTIONS, faithfulness
     from attribution.relevance import default_method_options, parse_methods, special_token_ids
-    from prune.checkpoints import load_model
+    from prune.commands.checks import at_least, checked_model, parse_fractions
 
-    for name in ("examples", "batch_size", "forward_batch_size", "attattr_n_steps", "ig_n_steps"):
-        if getattr(args, name) < 1:
-            raise HeadpruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    at_least(args, 1, "examples", "batch_size", "forward_batch_size", "attattr_n_steps", "ig_n_steps")
+    check_seed(args.seed, "--seed")
     methods = parse_methods(args.methods)
-    fractions = DEFAULT_FRACTIONS
-    if args.fractions:
-        try:
-            fractions = tuple(float(f) for f in args.fractions.split(","))
-        except ValueError:
-            raise HeadpruneError(f"--fractions must be comma-separated numbers, got {args.fractions!r}") from None
-    model, tokenizer = load_model(args.model, progress=not args.quiet)
+    fractions = parse_fractions(args.fractions, "--fractions") if args.fractions else DEFAULT_FRACTIONS
+    out = check_output_dir(args.out)
+    model, tokenizer = checked_model(args.model, max_length=args.max_length, progress=not args.quiet)
     split = load_splits(data_spec(args))[args.split]
     split = split.select(range(min(args.examples, len(split))))
     batches = iter_batches(
@@ -93,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         total=len(split),
     )
     result.provenance.update({"model": args.model, "data": args.data, "split": args.split})
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "faithfulness.json")
     from attribution.core.io import atomic_write_text

@@ -68,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Fine-tune (or reuse the cache) and print where the model is and how well it does."""
     from attribution.core import processes
-    from attribution.core.data import DataSpec
-    from prune.finetune import finetune
+    from attribution.core.data import DataSpec, load_splits
+    from attribution.core.validate import check_max_length, check_output_dir
+    from prune.finetune import finetune, finetuned_path
 
     data: DataSpec | str = args.data
     mapping = split_map(args)
@@ -81,20 +82,41 @@ def run(args: argparse.Namespace) -> int:
             label_column=args.label_column,
             split_map=mapping,
         )
-    result = finetune(
-        args.base,
-        data,
+    config = FinetuneConfig(
+        base=args.base,
+        data=data,
         train_examples=args.train_examples,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
-        out_dir=args.out,
-        progress=not args.quiet,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-    )
+    )  # checks the hyperparameters (finite, positive, seed range)
+    final = check_output_dir(args.out).resolve() if args.out is not None else finetuned_path(config.key())
+    base = _base_config(args.base)
+    if base is not None:
+        check_max_length(base, args.max_length)
+    load_splits(data)  # an unreadable data set fails before the lock file or any directory exists
+    lock = final.parent / f".{final.name}.lock"  # prune.finetune's lock beside the model directory
+    had_lock = lock.exists()
+    try:
+        result = finetune(
+            args.base,
+            data,
+            train_examples=args.train_examples,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            seed=args.seed,
+            out_dir=args.out,
+            progress=not args.quiet,
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+        )
+    finally:
+        if not had_lock:
+            _remove_idle_lock(lock)
     if processes.is_distributed() and not processes.is_main_process():
         return 0  # one report, from the main process
     print(f"model: {result.path}")
@@ -107,3 +129,35 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"cache: trained now in {result.seconds:.0f} s and saved")
     return 0
+
+
+def _base_config(base: str):  # noqa: ANN202 - a transformers PretrainedConfig, or None for a hub id
+    """The base model's config when it is a local directory, after loading it once (refusing shipped
+    code, naming unreadable weights), else None."""
+    from pathlib import Path
+
+    from prune.checkpoints import load_model, resolve_model
+
+    if base == "default":  # the default classifier is no base (and resolving it would train it)
+        return None
+    if not Path(resolve_model(base, progress=False)).is_dir():
+        return None
+    model, _ = load_model(base, tokenizer=False, progress=False)
+    return model.config
+
+
+def _remove_idle_lock(path) -> None:  # noqa: ANN001 - a Path
+    """Delete a lock file this command created, unless another process holds it right now."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return  # another finetune waits on it or holds it
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass

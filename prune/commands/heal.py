@@ -30,8 +30,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from attribution.core import processes
+    from attribution.core.validate import check_output_dir, check_seed
+    from prune.commands.checks import at_least, checked_data, checked_model
+    from prune.heal import parse_duration
     from prune.workflow import heal_checkpoint
 
+    check_seed(args.seed, "--seed")
+    parse_duration(args.budget)
+    at_least(args, 1, "max_steps", "train_examples", "held_out_examples")
+    check_output_dir(args.out)
+    student, _ = checked_model(args.model, max_length=args.max_length, tokenizer=False, progress=not args.quiet)
+    teacher, _ = checked_model(args.teacher, max_length=args.max_length, tokenizer=False, progress=not args.quiet)
+    checked_data(args.data, teacher)
+    if student.config.num_labels != teacher.config.num_labels:
+        from attribution.core.errors import HeadpruneError
+
+        raise HeadpruneError(
+            f"--model has {student.config.num_labels} classes but --teacher {teacher.config.num_labels}"
+        )
+    del student, teacher
     result = heal_checkpoint(
         args.model, args.out, teacher=args.teacher, data=data_spec(args), budget=args.budget, max_steps=args.max_steps,
         train_examples=args.train_examples, held_out_examples=args.held_out_examples, max_length=args.max_length,

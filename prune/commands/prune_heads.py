@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     """Select, remove, optionally repair, save; print what happened."""
     from prune.workflow import prune_checkpoint
 
+    _check(args)
     report = prune_checkpoint(
         args.model,
         args.scores,
@@ -135,3 +136,25 @@ def run(args: argparse.Namespace) -> int:
     for name, values in report.metrics.items():
         print(f"{args.metric} ({name}, {args.eval_split}): {values.get(args.metric, float('nan')):.4f}")
     return 0
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every input, before anything is written: options, the output directory, the model, the
+    scores file against the model's shape, the data's classes when a metric is measured."""
+    from attribution.core.errors import HeadpruneError
+    from attribution.core.validate import check_finite, check_output_dir
+    from prune.commands.checks import at_least, checked_data, checked_model, checked_scores
+
+    if args.sparsity is not None and not 0 < check_finite(args.sparsity, "--sparsity") < 1:
+        raise HeadpruneError(f"--sparsity must lie strictly between 0 and 1, got {args.sparsity}")
+    if not 0 < check_finite(args.step, "--step") <= 1:
+        raise HeadpruneError(f"--step must lie in (0, 1], got {args.step}")
+    check_finite(args.tolerance, "--tolerance", minimum=0.0)
+    at_least(args, 1, "count", "keep_per_layer", "eval_examples", "score_examples", "calibration_examples",
+             "batch_size")
+    at_least(args, 0, "min_per_layer")
+    check_output_dir(args.out)
+    model, _ = checked_model(args.model, max_length=args.max_length, tokenizer=False, progress=not args.quiet)
+    checked_scores(args.scores, model)
+    if args.evaluate or args.iterative or args.repair:
+        checked_data(args.data, model, args.eval_split)

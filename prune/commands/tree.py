@@ -39,18 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from attribution.core.validate import check_finite, check_output_file
     from attribution.tree_render import check_outputs, write_tree
-    from prune.checkpoints import load_model
+    from prune.commands.checks import checked_model
 
     if args.n_steps < 1:
         raise HeadpruneError(f"--n-steps must be at least 1, got {args.n_steps}")
-    if not 0.0 <= args.tau <= 1.0:
+    if not 0.0 <= check_finite(args.tau, "--tau") <= 1.0:
         raise HeadpruneError(f"--tau must lie in [0, 1], got {args.tau}")
     if args.max_length < 3:
         raise HeadpruneError(f"--max-length must be at least 3, got {args.max_length}")
     outputs = list(args.out or [])
     check_outputs(outputs)  # before the (slow) model load
-    model, tokenizer = load_model(args.model, progress=not args.quiet)
+    for out in outputs:
+        check_output_file(out)
+    model, tokenizer = checked_model(args.model, max_length=args.max_length, progress=not args.quiet)
     tree = write_tree(
         model,
         tokenizer,

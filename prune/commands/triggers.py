@@ -46,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attribution.core.data import load_splits
-    from attribution.triggers import run_triggers
-    from prune.checkpoints import load_model
+    from attribution.core.validate import check_output_file, check_seed
+    from attribution.triggers import TriggerReport, run_triggers
+    from prune.commands.checks import checked_data, checked_model
 
     for name in ("examples", "n_steps", "pairs", "batch_size", "top_k", "random_trials"):
         if getattr(args, name) < 1:
@@ -57,8 +57,12 @@ def run(args: argparse.Namespace) -> int:
         raise HeadpruneError(f"--attack-examples must be at least 1, got {args.attack_examples}")
     if not args.out.lower().endswith(".json"):
         raise HeadpruneError(f"--out must be a .json file, got {args.out}")
-    splits = load_splits(data_spec(args))
-    model, tokenizer = load_model(args.model, progress=not args.quiet)
+    check_seed(args.seed, "--seed")
+    check_output_file(args.out)
+    if args.patterns is not None:
+        TriggerReport.load(args.patterns)  # a bad file fails before the model loads
+    model, tokenizer = checked_model(args.model, max_length=args.max_length, progress=not args.quiet)
+    splits = checked_data(data_spec(args), model)
     report = run_triggers(
         model,
         tokenizer,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -17,6 +18,7 @@ from typing import Any, Union
 import yaml
 
 from attribution.core.errors import HeadpruneError
+from attribution.core.validate import SEED_MAX
 from prune.recipe.schema import (
     TREE_FORMATS,
     AnalysisSection,
@@ -27,6 +29,29 @@ from prune.recipe.schema import (
     metric_expect,
     unit_open,
 )
+
+# A recipe is a few dozen lines; a larger document is a mistake or an attack on the parser.
+MAX_RECIPE_BYTES = 256 * 1024
+
+
+def _check_yaml_safety(text: str, source: str) -> None:
+    """Refuse anchors and aliases (``&a``/``*a``: a few hundred bytes of nested aliases expand to
+    billions of nodes, the "billion laughs") and documents over ``MAX_RECIPE_BYTES``, before any
+    node is built. Scanning events is linear in the text."""
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{source}: {size} bytes; expected a recipe of at most {MAX_RECIPE_BYTES} bytes")
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+                raise RecipeError(
+                    f"{source}: line {event.start_mark.line + 1}: YAML {kind}{event.anchor} is not allowed in "
+                    "recipes; expected every value written out"
+                )
+    except yaml.YAMLError:
+        return  # the parser proper reports it, with its line
+
 
 # --------------------------------------------------------------------------------------------
 # Locations: path -> line, from the composed node tree
@@ -149,6 +174,8 @@ class _Validator:
                     self.fail(path, f"got {_describe(value)}", expect)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 self.fail(path, f"got {_describe(value)}", expect)
+            if not math.isfinite(value):
+                self.fail(path, f"got {_describe(value)}", f"a finite number: {expect}")
             return float(value)
         if tp is str:
             if not isinstance(value, str) or not value.strip():
@@ -263,6 +290,8 @@ class _Validator:
                 self.fail(sub, f"unknown option of {name}", f"one of its options: {described}", key=True)
             if spec[key].problem(value) is not None:
                 self.fail(sub, f"got {_describe(value)}", spec[key].expect)
+            if key == "seed" and not (isinstance(value, int) and 0 <= value <= SEED_MAX):
+                self.fail(sub, f"got {_describe(value)}", f"an integer in 0..{SEED_MAX}")
         try:
             cls(**options)
         except CriterionOptionError as error:
@@ -455,6 +484,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise RecipeError(f"--set {text!r}: expected key.path=value, e.g. --set score.examples=100")
+    _check_yaml_safety(raw, f"--set {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
@@ -487,13 +517,16 @@ def parse_recipe(
         RecipeError: one line, ``"SOURCE: line N: key.path: problem; expected ..."``.
     """
     locations = _Locations(source)
+    _check_yaml_safety(text, source)
     try:
-        node = yaml.compose(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
         line = f"line {mark.line + 1}" if mark is not None else "line 1"
         raise RecipeError(f"{source}: {line}: invalid YAML: {_yaml_problem(error)}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply; expected a recipe of a few levels") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -517,9 +550,17 @@ def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     """Read and validate a recipe file; relative paths inside resolve against its directory."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                f"{path}: {path.stat().st_size} bytes; expected a recipe of at most {MAX_RECIPE_BYTES} bytes"
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"cannot read recipe {path}: {error}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path} is a directory; expected a YAML recipe file") from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {error.start}); expected a YAML recipe") from None
+    except OSError as error:
+        raise RecipeError(f"cannot read recipe {path}: {error.strerror or error}") from None
     return parse_recipe(text, str(path), overrides, base_dir=path.resolve().parent)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from attribution.core.errors import HeadpruneError
+from attribution.core.validate import SEED_MAX
 from prune.finetune import FinetuneConfig
 
 SPLITS = ("train", "validation", "test")
@@ -49,6 +50,13 @@ def _positive(value: Any) -> bool:
 
 def _non_negative(value: Any) -> bool:
     return value is None or value >= 0
+
+
+def _seed(value: Any) -> bool:
+    return value is None or 0 <= value <= SEED_MAX
+
+
+_SEED = f"an integer in 0..{SEED_MAX}"
 
 
 def unit_open(value: Any) -> bool:
@@ -97,7 +105,7 @@ class DataSection:
     text_pair_column: str | None = _field(None, expect="a column name of the data set (or null)")
     label_column: str | None = _field(None, expect="a column name of the data set (or null to guess)")
     max_length: int = _field(64, expect="an integer >= 8", check=lambda v: v >= 8)
-    seed: int = _field(0, expect="an integer (seeds the split carved from data sets without one)")
+    seed: int = _field(0, expect=f"{_SEED} (seeds the split carved from data sets without one)", check=_seed)
     split_map: dict[str, str] = _field(
         {},
         expect="a mapping of train, validation or test to a split name of the data set, each source once "
@@ -114,7 +122,7 @@ class FinetuneSection:
     epochs: int = _field(FinetuneConfig.epochs, expect="a positive integer", check=_positive)
     lr: float = _field(FinetuneConfig.lr, expect="a positive number", check=_positive)
     batch_size: int = _field(FinetuneConfig.batch_size, expect="a positive integer", check=_positive)
-    seed: int = _field(FinetuneConfig.seed, expect="an integer")
+    seed: int = _field(FinetuneConfig.seed, expect=_SEED, check=_seed)
 
 
 @dataclass
@@ -329,7 +337,7 @@ class HealSection:
     alpha: float = _field(0.5, expect="a number in [0, 1] (weight of the distillation term)",
                           check=lambda v: 0 <= v <= 1)
     batch_size: int = _field(32, expect="a positive integer", check=_positive)
-    seed: int = _field(0, expect="an integer")
+    seed: int = _field(0, expect=_SEED, check=_seed)
 
 
 @dataclass
@@ -355,7 +363,10 @@ class Recipe:
     model: str = _field(expect="a model: 'default', 'minilm', a local directory or a hub id")
     name: str | None = _field(None, expect="a string")
     output: str | None = _field(None, expect="an output directory (--out overrides it)")
-    seed: int = _field(0, expect="an integer")
+    seed: int = _field(0, expect=_SEED, check=_seed)
+    trust_remote_code: bool = _field(
+        False, expect="true or false (true: run Python code a model directory ships, its auto_map)"
+    )
     data: DataSection = _field(DataSection(), expect="a mapping (data set spec)")
     finetune: FinetuneSection | None = _field(None, expect="a mapping of fine-tuning options, true or null")
     score: ScoreSection | None = _field(
