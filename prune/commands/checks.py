@@ -13,7 +13,9 @@ from typing import Any
 from attribution.core.errors import HeadpruneError
 from attribution.core.validate import check_classes, check_finite, check_max_length, check_seed
 
-__all__ = ["at_least", "checked_data", "checked_model", "checked_scores", "parse_fractions", "preflight"]
+__all__ = [
+    "at_least", "checked_data", "checked_model", "checked_scores", "fitted_max_length", "parse_fractions", "preflight",
+]
 
 
 def at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
@@ -48,6 +50,16 @@ def checked_model(name: str, *, max_length: int | None = None, tokenizer: bool =
     return model, tok
 
 
+def fitted_max_length(model: Any, given: int | None, default: int) -> int:
+    """``given`` (already checked), else ``default`` lowered to the model's position limit."""
+    from attribution.core.validate import position_limit
+
+    if given is not None:
+        return given
+    limit = position_limit(model.config)
+    return default if limit is None else min(default, limit)
+
+
 def checked_data(spec: Any, model: Any, split: str | None = None) -> Any:
     """The ``DatasetDict`` of ``spec`` (a ``DataSpec`` or name), its classes checked against ``model``'s
     (and ``split`` present)."""
@@ -62,21 +74,16 @@ def checked_data(spec: Any, model: Any, split: str | None = None) -> Any:
 
 
 def checked_scores(path: str, model: Any, name: str = "--scores") -> Any:
-    """The ``HeadScores`` in ``path``: shaped [layers, original heads] of ``model``, all values finite."""
-    import torch
-
+    """The ``HeadScores`` in ``path``: shaped [layers, original heads] of ``model``, all values finite
+    (``prune.strategies.check_scores``; the message names the file)."""
     from attribution import HeadScores
-    from attribution.instrument import encoder_layers, original_num_heads
+    from prune.strategies import check_scores
 
     scores = HeadScores.load(path)
-    expected = (len(encoder_layers(model)), original_num_heads(model))
-    if tuple(scores.shape) != expected:
-        raise HeadpruneError(
-            f"{name} {path}: scores for {scores.shape[0]} layers x {scores.shape[1]} heads, but the model has "
-            f"{expected[0]} x {expected[1]}"
-        )
-    if not bool(torch.isfinite(scores.values).all()):
-        raise HeadpruneError(f"{name} {path}: the scores hold NaN or infinite values")
+    try:
+        check_scores(scores, model)
+    except HeadpruneError as error:
+        raise HeadpruneError(f"{name} {path}: {error}") from None
     return scores
 
 

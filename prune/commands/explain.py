@@ -28,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-steps", type=int, default=None, help="quadrature nodes for attattr (default 4) and ig (default 20)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random: seed (default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens after truncation (default: %(default)s)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens after truncation (default: 128, or the model's limit if lower)",
+    )
     parser.add_argument("--out", default="explain.html", metavar="HTML", help="the page (default: %(default)s)")
     parser.add_argument(
         "--png", default=None, metavar="PNG", help="the picture (default: the page's name with .png)"
@@ -52,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from attribution.core.validate import check_output_file, check_seed
     from attribution.explain_html import explain_text
     from attribution.relevance import parse_methods
-    from prune.commands.checks import checked_model
+    from prune.commands.checks import checked_model, fitted_max_length
 
     methods = parse_methods(args.methods)  # fail on a typo before loading anything
     check_seed(args.seed, "--seed")
@@ -62,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         if path is not None:
             check_output_file(path, name)
     model, tokenizer = checked_model(args.model, max_length=args.max_length)
+    args.max_length = fitted_max_length(model, args.max_length, 128)
     explanation = explain_text(
         model,
         tokenizer,

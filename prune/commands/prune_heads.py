@@ -146,7 +146,7 @@ def _check(args: argparse.Namespace) -> None:
     from prune.commands.checks import at_least, checked_data, checked_model, checked_scores
 
     if args.sparsity is not None and not 0 < check_finite(args.sparsity, "--sparsity") < 1:
-        raise HeadpruneError(f"--sparsity must lie strictly between 0 and 1, got {args.sparsity}")
+        raise HeadpruneError(f"--sparsity must be a fraction strictly between 0 and 1, got {args.sparsity}")
     if not 0 < check_finite(args.step, "--step") <= 1:
         raise HeadpruneError(f"--step must lie in (0, 1], got {args.step}")
     check_finite(args.tolerance, "--tolerance", minimum=0.0)

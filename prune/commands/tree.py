@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--special-tokens", choices=("keep", "drop"), default="keep",
                         help="keep [SEP]/[CLS] as possible children (the paper) or leave them out entirely "
                              "(default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=128,
-                        help="truncate to this many tokens (default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="truncate to this many tokens (default: 128, or the model's limit if lower)")
     parser.add_argument("--out", action="append", default=None, metavar="FILE",
                         help="write the tree to FILE: .png .pdf .svg .html .txt or .json (repeatable); "
                              "the text form is always printed")
@@ -41,19 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from attribution.core.validate import check_finite, check_output_file
     from attribution.tree_render import check_outputs, write_tree
-    from prune.commands.checks import checked_model
+    from prune.commands.checks import checked_model, fitted_max_length
 
     if args.n_steps < 1:
         raise HeadpruneError(f"--n-steps must be at least 1, got {args.n_steps}")
     if not 0.0 <= check_finite(args.tau, "--tau") <= 1.0:
         raise HeadpruneError(f"--tau must lie in [0, 1], got {args.tau}")
-    if args.max_length < 3:
+    if args.max_length is not None and args.max_length < 3:
         raise HeadpruneError(f"--max-length must be at least 3, got {args.max_length}")
     outputs = list(args.out or [])
     check_outputs(outputs)  # before the (slow) model load
     for out in outputs:
         check_output_file(out)
     model, tokenizer = checked_model(args.model, max_length=args.max_length, progress=not args.quiet)
+    args.max_length = fitted_max_length(model, args.max_length, 128)
     tree = write_tree(
         model,
         tokenizer,
