@@ -40,7 +40,7 @@ from attribution.core.cache import base_model_path
 from attribution.core.errors import HeadpruneError, one_line
 from attribution.core.io import apply_umask
 from attribution.core.log import get_logger
-from attribution.core.remote_code import refuse_remote_code, remote_code_allowed
+from attribution.core.trust import refuse_remote_code, remote_code_allowed
 
 # The key is defined beside remove_heads, which keeps a model's config in step with its heads.
 from prune.surgery import KEPT_HEADS_KEY, KEPT_NEURONS_KEY, bake_mask
@@ -104,7 +104,9 @@ def load_model(
     shown = os.fspath(name_or_path)
     target = resolve_model(name_or_path, progress=progress)
     path = Path(target)
-    refuse_remote_code(path, shown)
+    from prune.remote_code import is_headprune_remote_code
+
+    refuse_remote_code(path, shown, exempt=is_headprune_remote_code)
     if path.is_dir() and (read_kept_heads(path) is not None or read_kept_neurons(path) is not None):
         model = _load_pruned(path)
     else:

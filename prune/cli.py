@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from attribution.core.errors import describe_error
 from attribution.core.log import get_logger
-from attribution.core.remote_code import allow_remote_code
+from attribution.core.trust import allow_remote_code
 
 # name -> (module, one-line help); each module has add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -31,7 +31,7 @@ from attribution.core.cache import DEFAULT_BASE_MODEL, base_model_path, cache_di
 from attribution.core.errors import HeadpruneError
 from attribution.core.io import apply_umask
 from attribution.core.log import get_logger
-from attribution.core.remote_code import refuse_remote_code, remote_code_allowed
+from attribution.core.trust import refuse_remote_code, remote_code_allowed
 from attribution.core.validate import check_seed
 
 if TYPE_CHECKING:

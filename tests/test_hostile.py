@@ -169,7 +169,7 @@ def heal(w: World, tmp: Path, *extra: str, teacher: Path | None = None, out: Pat
 
 
 def export(w: World, tmp: Path, *extra: str, model: Path | None = None, out: Path | None = None) -> list[str]:
-    return ["export", "--model", str(model or w.pruned), "--out", str(out or tmp / "m.onnx"), *extra]
+    return ["export", "--model", str(model or w.pruned), "--out", str(out or tmp / "onnx"), *extra]
 
 
 def finetune(w: World, tmp: Path, *extra: str, base: Path | None = None, out: Path | None = None) -> list[str]:
@@ -262,7 +262,8 @@ CASES: dict[str, Case] = {
     "heal-max-steps-zero": lambda w, t: heal(w, t, "--max-steps", "0"),
     # export
     "export-opset-99": lambda w, t: export(w, t, "--opset", "99"),
-    "export-out-is-a-directory": lambda w, t: export(w, t, out=existing_dir(t, "m.onnx")),
+    "export-out-is-a-file": lambda w, t: export(w, t, out=existing_file(t, "onnx")),
+    "export-out-names-a-file": lambda w, t: export(w, t, out=t / "model.onnx"),
     "export-atol-nan": lambda w, t: export(w, t, "--atol", "nan"),
     "export-remote-code": lambda w, t: export(w, t, model=remote_code(w.model, t)),
     "export-missing-model": lambda w, t: export(w, t, model=t / "nothing-here"),

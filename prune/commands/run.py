@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate (nothing is written on a bad recipe, model or data), run the stages, print the final table."""
-    from attribution.core.remote_code import allow_remote_code, remote_code_allowed
+    from attribution.core.trust import allow_remote_code, remote_code_allowed
     from attribution.core.validate import check_output_dir
     from prune.pipeline import run_recipe
     from prune.recipe import load_recipe

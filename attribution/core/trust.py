@@ -16,8 +16,9 @@ import contextlib
 import contextvars
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from attribution.core.errors import HeadpruneError
 
@@ -42,9 +43,16 @@ def allow_remote_code(allowed: bool = True) -> Iterator[None]:
         _ALLOWED.reset(token)
 
 
-def refuse_remote_code(directory: str | os.PathLike[str], shown: str | None = None) -> None:
+def refuse_remote_code(
+    directory: str | os.PathLike[str],
+    shown: str | None = None,
+    *,
+    exempt: Callable[[dict[str, Any]], bool] | None = None,
+) -> None:
     """A one-line ``HeadpruneError`` when ``directory`` ships code (an ``auto_map``) and the user
-    did not opt in; nothing for hub ids, other directories, or when allowed."""
+    did not opt in; nothing for hub ids, other directories, or when allowed. ``exempt(config)``
+    True: an ``auto_map`` the caller knows it will not execute (headprune's own, on a pruned
+    checkpoint it rebuilds itself)."""
     path = Path(directory)
     if remote_code_allowed() or not path.is_dir():
         return
@@ -53,7 +61,7 @@ def refuse_remote_code(directory: str | os.PathLike[str], shown: str | None = No
             config = json.loads((path / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # absent or unreadable: the loader reports it
-        if isinstance(config, dict) and config.get("auto_map"):
+        if isinstance(config, dict) and config.get("auto_map") and not (exempt is not None and exempt(config)):
             raise HeadpruneError(
                 f"{shown or path} ships its own Python code (auto_map in {name}); headprune does not run it "
                 "unless you pass --trust-remote-code (recipes: trust_remote_code: true)"
