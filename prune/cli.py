@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(_command(argv))
         try:
             args = parser.parse_args(argv)
-        except SystemExit as done:  # --help (0) or a usage error (2, one line): a status, not an exit
+        except SystemExit as done:  # a usage error (one line) is a status; --help still exits
+            if done.code in (0, None):
+                raise
             return done.code if isinstance(done.code, int) else 2
         if args.global_quiet and hasattr(args, "quiet"):
             args.quiet = True  # the command's own --quiet: no progress bars either

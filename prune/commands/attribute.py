@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from prune.commands._data import add_data_arguments, data_spec
+from prune.commands.checks import add_max_length_argument
 
 _DEST = "criterion_option__"  # argparse dest prefix of the criterion-option flags
 # provenance entries every criterion has; the others are the criterion's diagnostics summary
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="examples per shard; shards are dealt out to the processes of a launch (default: %(default)s)",
     )
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
+    add_max_length_argument(parser)
     parser.add_argument("--out", required=True, metavar="JSON", help="where to write the HeadScores")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also draw the scores as a heatmap")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -158,7 +159,7 @@ def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from attribution.core.validate import check_output_file, check_seed
     from attribution.criteria import make_criterion, score_in_shards
-    from prune.commands.checks import at_least, checked_data, checked_model
+    from prune.commands.checks import at_least, checked_data, checked_model, fitted_max_length
 
     at_least(args, 1, "examples", "batch_size", "shard_size")
     options = criterion_options(args)
@@ -170,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.plot, "--plot")
     started = time.perf_counter()
     model, tokenizer = checked_model(args.model, max_length=args.max_length, progress=not args.quiet)
+    args.max_length = fitted_max_length(model, args.max_length, 64)
     # fresh, aligned storage for weights loaded from safetensors (see prune.pipeline.context): CPU
     # kernels take the same code paths in every process, so the scores match bit for bit
     model = copy.deepcopy(model)

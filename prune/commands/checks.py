@@ -14,7 +14,14 @@ from attribution.core.errors import HeadpruneError
 from attribution.core.validate import check_classes, check_finite, check_max_length, check_seed
 
 __all__ = [
-    "at_least", "checked_data", "checked_model", "checked_scores", "fitted_max_length", "parse_fractions", "preflight",
+    "add_max_length_argument",
+    "at_least",
+    "checked_data",
+    "checked_model",
+    "checked_scores",
+    "fitted_max_length",
+    "parse_fractions",
+    "preflight",
 ]
 
 
@@ -37,6 +44,16 @@ def parse_fractions(text: str, name: str, *, low_open: bool = False) -> tuple[fl
         if not (0 < value < 1 if low_open else 0 <= value < 1):
             raise HeadpruneError(f"{name}: {value} is outside {'(0, 1)' if low_open else '[0, 1)'}")
     return values
+
+
+def add_max_length_argument(parser: argparse.ArgumentParser, default: int = 64) -> None:
+    """``--max-length`` (unset: ``default``, lowered to the model's position limit; see ``fitted_max_length``)."""
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help=f"tokens per example (default: {default}, or the model's limit if lower)",
+    )
 
 
 def checked_model(name: str, *, max_length: int | None = None, tokenizer: bool = True, progress: bool = True) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from prune.commands._data import add_data_arguments, data_spec
+from prune.commands.checks import add_max_length_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-examples", type=int, default=None, help="only the first N rows of the split")
     parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
+    add_max_length_argument(parser)
     parser.add_argument("--out", default=None, metavar="JSON", help="also save the result as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -46,10 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print one line per metric (on the main process only)."""
     from attribution.core import processes
-    from attribution.core.data import DataSpec
     from attribution.core.errors import HeadpruneError
     from attribution.core.validate import check_output_file
-    from prune.commands.checks import at_least, preflight
+    from prune.commands.checks import at_least, checked_data, fitted_max_length, preflight
     from prune.evaluate import evaluate_model
     from prune.metrics import compute_metrics
 
@@ -60,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
     at_least(args, 1, "batch_size", "max_examples")
     if args.out:
         check_output_file(args.out)
-    data = DataSpec(name=args.data, max_length=args.max_length)
-    preflight(args.model, data=data, max_length=args.max_length, split=args.split, progress=not args.quiet)
+    model = preflight(args.model, max_length=args.max_length, progress=not args.quiet)
+    args.max_length = fitted_max_length(model, args.max_length, 64)
+    checked_data(data_spec(args), model, args.split)
+    del model
     result = evaluate_model(
         args.model,
         data_spec(args),

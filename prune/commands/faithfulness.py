@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from prune.commands._data import add_data_arguments, data_spec
+from prune.commands.checks import add_max_length_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--forward-batch-size", type=int, default=512, help="perturbed inputs per forward call (default: %(default)s)"
     )
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
+    add_max_length_argument(parser)
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="writes faithfulness.json, faithfulness.md, faithfulness.png"
     )
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from attribution.core.validate import check_output_dir, check_seed
     from attribution.faithfulness import DEFAULT_FRACTIONS, faithfulness
     from attribution.relevance import default_method_options, parse_methods, special_token_ids
-    from prune.commands.checks import at_least, checked_model, parse_fractions
+    from prune.commands.checks import at_least, checked_model, fitted_max_length, parse_fractions
 
     at_least(args, 1, "examples", "batch_size", "forward_batch_size", "attattr_n_steps", "ig_n_steps")
     check_seed(args.seed, "--seed")
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     fractions = parse_fractions(args.fractions, "--fractions") if args.fractions else DEFAULT_FRACTIONS
     out = check_output_dir(args.out)
     model, tokenizer = checked_model(args.model, max_length=args.max_length, progress=not args.quiet)
+    args.max_length = fitted_max_length(model, args.max_length, 64)
     split = load_splits(data_spec(args))[args.split]
     split = split.select(range(min(args.examples, len(split))))
     batches = iter_batches(

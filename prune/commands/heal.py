@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from prune.commands._data import add_data_arguments, data_spec
+from prune.commands.checks import add_max_length_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-examples", type=int, default=12000, help="training rows (default: %(default)s)")
     parser.add_argument("--held-out-examples", type=int, default=500,
                         help="validation rows for early stopping (default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
+    add_max_length_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to save the healed model")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from attribution.core import processes
     from attribution.core.validate import check_output_dir, check_seed
-    from prune.commands.checks import at_least, checked_data, checked_model
+    from prune.commands.checks import at_least, checked_data, checked_model, fitted_max_length
     from prune.heal import parse_duration
     from prune.workflow import heal_checkpoint
 
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out)
     student, _ = checked_model(args.model, max_length=args.max_length, tokenizer=False, progress=not args.quiet)
     teacher, _ = checked_model(args.teacher, max_length=args.max_length, tokenizer=False, progress=not args.quiet)
-    checked_data(args.data, teacher)
+    args.max_length = min(fitted_max_length(m, args.max_length, 64) for m in (student, teacher))
+    checked_data(data_spec(args), teacher)
     if student.config.num_labels != teacher.config.num_labels:
         from attribution.core.errors import HeadpruneError
 

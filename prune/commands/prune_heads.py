@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from prune.commands._data import add_data_arguments, data_spec
+from prune.commands.checks import add_max_length_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--repair: training rows used as calibration data (default: %(default)s)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
+    add_max_length_argument(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="where to save the pruned model")
     parser.add_argument(
         "--remote-code",
@@ -143,7 +144,7 @@ def _check(args: argparse.Namespace) -> None:
     scores file against the model's shape, the data's classes when a metric is measured."""
     from attribution.core.errors import HeadpruneError
     from attribution.core.validate import check_finite, check_output_dir
-    from prune.commands.checks import at_least, checked_data, checked_model, checked_scores
+    from prune.commands.checks import at_least, checked_data, checked_model, checked_scores, fitted_max_length
 
     if args.sparsity is not None and not 0 < check_finite(args.sparsity, "--sparsity") < 1:
         raise HeadpruneError(f"--sparsity must be a fraction strictly between 0 and 1, got {args.sparsity}")
@@ -155,6 +156,7 @@ def _check(args: argparse.Namespace) -> None:
     at_least(args, 0, "min_per_layer")
     check_output_dir(args.out)
     model, _ = checked_model(args.model, max_length=args.max_length, tokenizer=False, progress=not args.quiet)
+    args.max_length = fitted_max_length(model, args.max_length, 64)
     checked_scores(args.scores, model)
     if args.evaluate or args.iterative or args.repair:
-        checked_data(args.data, model, args.eval_split)
+        checked_data(data_spec(args), model, args.eval_split)

@@ -7,6 +7,7 @@ import argparse
 from attribution.core.errors import HeadpruneError
 from attribution.quadrature import INTEGRATIONS
 from prune.commands._data import add_data_arguments, data_spec
+from prune.commands.checks import add_max_length_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, default=2,
                         help="strongest token pairs of the top head per example (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples attributed together (default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default: %(default)s)")
+    add_max_length_argument(parser)
     parser.add_argument("--patterns", default=None, metavar="FILE",
                         help="reuse patterns from a saved report instead of mining (e.g. to --attack later)")
     parser.add_argument("--attack", action="store_true",
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from attribution.core.validate import check_output_file, check_seed
     from attribution.triggers import TriggerReport, run_triggers
-    from prune.commands.checks import checked_data, checked_model
+    from prune.commands.checks import checked_data, checked_model, fitted_max_length
 
     for name in ("examples", "n_steps", "pairs", "batch_size", "top_k", "random_trials"):
         if getattr(args, name) < 1:
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.patterns is not None:
         TriggerReport.load(args.patterns)  # a bad file fails before the model loads
     model, tokenizer = checked_model(args.model, max_length=args.max_length, progress=not args.quiet)
+    args.max_length = fitted_max_length(model, args.max_length, 64)
     splits = checked_data(data_spec(args), model)
     report = run_triggers(
         model,
