@@ -26,7 +26,7 @@ from attribution.core.errors import HeadpruneError
 
 SEED_MAX = 2**32 - 1
 # model types whose position ids start at pad_token_id + 1 (transformers' create_position_ids_from_input_ids)
-_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
 
 __all__ = [
     "SEED_MAX",
