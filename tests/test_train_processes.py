@@ -255,6 +255,9 @@ def _heal_worker(out: str) -> None:
         found["killed"] = True
     handle.remove()
     processes.barrier()
+    if rank == 0:  # the checkpoint as the kill left it, for a resume on one process
+        shutil.copytree(root / "killed", root / "killed-copy")
+    processes.barrier()
     resumed = copy.deepcopy(start)
     result = heal(resumed, teacher, tokenizer, train, held_out, checkpoint_dir=root / "killed", **HEAL)
     found["resumed"] = {"from": result.resumed_from, "history": [vars(p) for p in result.history]}
@@ -319,6 +322,13 @@ def test_two_process_heal_equals_one_resumes_after_a_kill_and_is_never_worse(tmp
     for name, value in single.state_dict().items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
     assert (tmp_path / "killed" / RESULT_FILE).is_file() and (tmp_path / "killed" / STATE_FILE).is_file()
+    # the checkpoint of the two killed processes resumes on one process too
+    assert not (tmp_path / "killed-copy" / RESULT_FILE).exists()
+    alone = copy.deepcopy(start)
+    result = heal(alone, teacher, tokenizer, train, held_out, checkpoint_dir=tmp_path / "killed-copy", **HEAL)
+    assert result.resumed_from == 6 and [p.accuracy for p in result.history] == [p.accuracy for p in reference.history]
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(alone.state_dict()[name], value, rtol=0, atol=1e-6)
 
     assert found["wild"] == {"hurt": True, "restored": True, "start": True}
     assert found["budget"]["stopped"] == "budget" and found["budget"]["steps"] >= 1
