@@ -94,6 +94,13 @@ class DataParallel:
         self.accelerator, self.model, self.scheduler = accelerator, model, scheduler
         self.tokenizer, self.max_length, self.max_grad_norm = tokenizer, max_length, max_grad_norm
         model.to(accelerator.device)
+        # A layer that lost every head keeps empty query/key/value weights, which get no gradient:
+        # DistributedDataParallel would wait for them forever. They hold nothing to train, so they
+        # are frozen while wrapped (and unfrozen by ``release``).
+        self.frozen = [p for p in model.parameters() if p.requires_grad and p.numel() == 0]
+        if accelerator.num_processes > 1:
+            for param in self.frozen:
+                param.requires_grad_(False)
         self.wrapped, self.optimizer = accelerator.prepare(model, optimizer)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.micro = int(accelerator.gradient_accumulation_steps)
@@ -149,5 +156,7 @@ class DataParallel:
         """Unwrap the module (its own forward back) and move it to ``home``."""
         self.accelerator.unwrap_model(self.wrapped, keep_fp32_wrapper=False)
         self.accelerator.free_memory()
+        for param in self.frozen:
+            param.requires_grad_(True)
         if home is not None:
             self.model.to(home)

@@ -227,6 +227,7 @@ def _heal_worker(out: str) -> None:
 
     from attribution.core import processes
     from prune.heal import heal
+    from prune.surgery import remove_heads
 
     _reset_accelerate()
     torch.set_num_threads(1)
@@ -276,6 +277,13 @@ def _heal_worker(out: str) -> None:
         "start": all(torch.equal(value, start.state_dict()[name]) for name, value in wild.state_dict().items()),
     }
 
+    emptied = copy.deepcopy(start)  # a layer without heads: empty weights that get no gradient
+    remove_heads(emptied, {(0, 0), (0, 1)})
+    heal(emptied, teacher, tokenizer, train, held_out, **{**HEAL, "max_steps": 4})
+    torch.save(emptied.state_dict(), root / f"emptied{rank}.pt")
+    empty = [p.requires_grad for p in emptied.parameters() if p.numel() == 0]
+    found["unfrozen"] = len(empty) == 7 and all(empty)  # layer 0's q, k, v, output weights: trainable, as given
+
     budget = copy.deepcopy(start)  # the clocks differ: every process must stop at the main process's step
     result = heal(budget, teacher, tokenizer, train, held_out, budget_seconds=2.0,
                   **{**HEAL, "max_steps": None, "eval_every": 5})
@@ -289,6 +297,7 @@ def test_two_process_heal_equals_one_resumes_after_a_kill_and_is_never_worse(tmp
     from accelerate import debug_launcher
 
     from prune.heal import RESULT_FILE, STATE_FILE, heal
+    from prune.surgery import remove_heads
 
     debug_launcher(_heal_worker, args=(str(tmp_path),), num_processes=2)
     _reset_accelerate()
@@ -331,6 +340,13 @@ def test_two_process_heal_equals_one_resumes_after_a_kill_and_is_never_worse(tmp
         torch.testing.assert_close(alone.state_dict()[name], value, rtol=0, atol=1e-6)
 
     assert found["wild"] == {"hurt": True, "restored": True, "start": True}
+    emptied = copy.deepcopy(start)
+    remove_heads(emptied, {(0, 0), (0, 1)})
+    heal(emptied, teacher, tokenizer, train, held_out, **{**HEAL, "max_steps": 4})
+    two = torch.load(tmp_path / "emptied1.pt", weights_only=True)
+    for name, value in emptied.state_dict().items():
+        torch.testing.assert_close(two[name], value, rtol=0, atol=1e-6)
+    assert found["unfrozen"]
     assert found["budget"]["stopped"] == "budget" and found["budget"]["steps"] >= 1
 
 
