@@ -221,8 +221,9 @@ def run_finetune(
     writes the model (atomically, under the lock) while the others wait for it.
     """
     from attribution.core import processes
-    from prune.training import resolve_precision
+    from prune.training import check_accumulation, resolve_precision
 
+    check_accumulation(gradient_accumulation_steps)  # bad options fail before anything is read or written
     key = config.key()
     precision = resolve_precision(mixed_precision)
     if precision != "no":

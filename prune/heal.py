@@ -67,7 +67,7 @@ from attribution.core.errors import HeadpruneError
 from attribution.core.io import Record, save_tensors
 from attribution.core.log import get_logger
 from prune.finetune import MAX_GRAD_NORM, WARMUP_FRACTION, WEIGHT_DECAY
-from prune.training import DataParallel, make_accelerator, resolve_precision
+from prune.training import DataParallel, check_accumulation, make_accelerator, resolve_precision
 
 log = get_logger("heal")
 
@@ -231,6 +231,7 @@ def heal(
     _check_arguments(student, teacher, train, held_out, budget_seconds, max_steps, temperature, alpha, lr,
                      batch_size, max_length, eval_every, patience)
     precision = resolve_precision(mixed_precision)
+    check_accumulation(gradient_accumulation_steps)
     accelerator = make_accelerator(precision, gradient_accumulation_steps)  # set-up: not part of the budget
     started = time.perf_counter()
     options: dict[str, Any] = {

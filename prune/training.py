@@ -56,6 +56,13 @@ def resolve_precision(mixed_precision: str | None) -> str:
     return value
 
 
+def check_accumulation(steps: int | None) -> int | None:
+    """``steps`` (None: the launch's choice), or a one-line error unless an integer of at least 1."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise HeadpruneError(f"gradient_accumulation_steps must be an integer of at least 1, got {steps!r}")
+    return steps
+
+
 def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_steps: int | None = None) -> Any:
     """An ``accelerate.Accelerator`` on this process's device (see the module docstring for
     ``None``: the launch's settings). Bad values, fp16 without a GPU, or a precision other than
@@ -63,9 +70,7 @@ def make_accelerator(mixed_precision: str | None = None, gradient_accumulation_s
     from accelerate import Accelerator
 
     precision = resolve_precision(mixed_precision)
-    steps = gradient_accumulation_steps
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise HeadpruneError(f"gradient_accumulation_steps must be an integer of at least 1, got {steps!r}")
+    steps = check_accumulation(gradient_accumulation_steps)
     state = processes.state()  # the process group, with headprune's CPU and timeout choices
     kwargs: dict[str, Any] = {"cpu": state.device.type == "cpu"}
     if steps is not None:

@@ -442,3 +442,17 @@ def test_bf16_from_the_launch_is_a_model_of_its_own(tiny, tmp_path):
     with pytest.raises(HeadpruneError, match="cannot set up Accelerate for mixed precision bf16"):
         finetune(**options(base, data, tmp_path / "again", mixed_precision="bf16"))
     assert not (tmp_path / "again").exists()
+
+
+def test_cli_refuses_bad_compute_options_in_one_line(tiny, tmp_path, capsys):
+    from prune.cli import main
+
+    base, data = tiny
+    for flag, value, message in (
+        ("--gradient-accumulation-steps", "0", "gradient_accumulation_steps must be an integer of at least 1"),
+        ("--mixed-precision", "fp32", "invalid choice: 'fp32'"),
+    ):
+        code = main(["finetune", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "m"), flag, value])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and message in err[-1], err
+    assert not (tmp_path / "m").exists()
