@@ -410,3 +410,27 @@ def test_a_valid_recipe_and_command_still_work(world, tmp_path, capsys):
     assert main(evaluate(world, tmp_path)) == 0
     path = tiny_recipe(tmp_path / "r")
     assert main(["validate", str(path)]) == 0
+
+
+def test_remote_code_is_refused_in_a_process_with_stdin_closed(world, tmp_path):
+    """The real command line, stdin closed: no prompt (it would fail or hang), one line, and the
+    shipped module never runs (it would leave a marker file)."""
+    import os
+    import subprocess
+    import sys
+
+    model = remote_code(world.model, tmp_path)
+    marker = tmp_path / "ran"
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "prune.cli", "evaluate", "--model", str(model), "--data", str(world.data)],
+        preexec_fn=lambda: os.close(0),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "ships its own Python code" in result.stderr
+    assert not marker.exists()
