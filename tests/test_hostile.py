@@ -434,3 +434,34 @@ def test_remote_code_is_refused_in_a_process_with_stdin_closed(world, tmp_path):
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "ships its own Python code" in result.stderr
     assert not marker.exists()
+
+
+def test_describe_error_names_the_file_and_keeps_one_line(tmp_path):
+    """The boundary's table: OS errors name the file, decoding errors say what failed, all on one
+    line with status 2; only an exception nobody anticipated gets status 1."""
+    from safetensors.torch import load_file
+
+    from attribution.core.errors import HeadpruneError, describe_error
+
+    bad = write(tmp_path, "w.safetensors", b"\x01\x02")
+    found = {}
+    for name, action in {
+        "missing": lambda: open(tmp_path / "nope.txt"),
+        "directory": lambda: open(tmp_path),
+        "json": lambda: json.loads("{\n  nope"),
+        "utf8": lambda: b"\xff".decode("utf-8"),
+        "safetensors": lambda: load_file(str(bad)),
+        "ours": lambda: (_ for _ in ()).throw(HeadpruneError("line one\nline two")),
+        "bug": lambda: {}["key"],
+    }.items():
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001 - every kind is the point
+            found[name] = describe_error(error)
+    assert found["missing"] == (f"{tmp_path / 'nope.txt'}: No such file or directory", 2)
+    assert found["directory"] == (f"{tmp_path}: Is a directory", 2)
+    assert found["json"] == ("invalid JSON (Expecting property name enclosed in double quotes at line 2, column 3)", 2)
+    assert found["utf8"][1] == 2 and "not UTF-8" in found["utf8"][0]
+    assert found["safetensors"][1] == 2 and found["safetensors"][0].startswith("unreadable safetensors weights")
+    assert found["ours"] == ("line one line two", 2)
+    assert found["bug"] == ("KeyError: 'key'", 1)
