@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from prune.report import final_table_text
 
     recipe = load_recipe(args.recipe, args.overrides)
-    out = check_output_dir(Path(args.out or recipe.output or Path("runs") / Path(args.recipe).stem))
+    given = "--out" if args.out else f"{args.recipe}: output" if recipe.output else "the default output"
+    out = check_output_dir(Path(args.out or recipe.output or Path("runs") / Path(args.recipe).stem), given)
     with allow_remote_code(remote_code_allowed() or recipe.trust_remote_code):
         _preflight(recipe, progress=not args.quiet)
         if recipe.compress is not None:
