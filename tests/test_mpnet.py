@@ -108,6 +108,16 @@ def test_a_bad_assembly_fails_in_one_line_and_writes_nothing(tmp_path, damage):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
+def test_a_foreign_directory_in_the_way_is_a_one_line_error(tmp_path):
+    parts, _, digest = _fake_parts(tmp_path / "parts")
+    (tmp_path / "cache" / "fake-model").mkdir(parents=True)
+    (tmp_path / "cache" / "fake-model" / "notes.txt").write_text("mine")
+    with pytest.raises(HeadpruneError, match="remove that directory and retry"):
+        assemble.assemble(_split_model(digest, len(parts)), tmp_path / "cache", parts)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["fake-model"]  # staging removed
+    assert (tmp_path / "cache" / "fake-model" / "notes.txt").read_text() == "mine"
+
+
 def test_missing_packages_are_named_with_the_install_command(tmp_path, monkeypatch):
     def absent(name):
         raise importlib.metadata.PackageNotFoundError(name)

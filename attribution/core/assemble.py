@@ -182,9 +182,12 @@ def assemble(model: SplitModel, root: Path, parts: list[Path] | None = None) -> 
         (staging / DIGEST_FILE).write_text(f"{digest}  {model.name}.zip\n")
         try:
             os.replace(staging, target)
-        except OSError:
+        except OSError as error:
             if not (target / DIGEST_FILE).is_file():  # not another process's finished copy
-                raise
+                raise HeadpruneError(
+                    f"cannot put the assembled {model.name!r} in place at {target} ({error.strerror}): "
+                    "remove that directory and retry"
+                ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target / model.folder
