@@ -190,7 +190,9 @@ def test_every_shipped_recipe_is_checked():
     assert shipped == sorted([*PRUNING_RECIPES, "analysis-tweets", "tweets-minilm-compress"])
 
 
-PRUNING_RECIPES = ["tweets-minilm", "tweets-minilm-multiprocess", "bert-base-mnli", "bert-base-sst2"]
+PRUNING_RECIPES = [
+    "tweets-minilm", "tweets-minilm-multiprocess", "quick-minilm", "bert-base-mnli", "bert-base-sst2",
+]
 
 
 @pytest.mark.parametrize("name", PRUNING_RECIPES)
