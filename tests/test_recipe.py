@@ -191,7 +191,7 @@ def test_every_shipped_recipe_is_checked():
 
 
 PRUNING_RECIPES = [
-    "tweets-minilm", "tweets-minilm-multiprocess", "quick-minilm", "bert-base-mnli", "bert-base-sst2",
+    "tweets-minilm", "tweets-minilm-multiprocess", "quick-minilm", "tweets-mpnet", "bert-base-mnli", "bert-base-sst2",
 ]
 
 
