@@ -42,9 +42,17 @@ def state() -> Any:
     # Without cpu=True, Accelerate treats a CPU-only multi-process launch (torchrun, or
     # ``accelerate launch --cpu``) as a single process.
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
-    return PartialState(cpu=cpu)
+    # On a multi-process CPU launch without OMP_NUM_THREADS, Accelerate's first PartialState sets
+    # torch's thread count to cores / processes. The thread count is the caller's (it also moves
+    # float32 results in the last bits, so 1 process == 2 processes would depend on it): restore it.
+    threads = torch.get_num_threads()
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+        return PartialState(cpu=cpu)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def num_processes() -> int:
