@@ -278,7 +278,7 @@ def _weights_metadata(file: Path) -> dict[str, str]:
         raise
 
 
-def _check_stamp(path: Path, key: str, kept: list[list[int]] | None, config_file: Path) -> None:
+def _check_stamp(path: Path, key: str, kept: list[list[int]], config_file: Path) -> None:
     """The indices in config.json must be those the weights were saved with (when recorded there)."""
     for file in sorted(path.glob("*.safetensors")):
         stamped = _weights_metadata(file).get(key)
@@ -288,7 +288,7 @@ def _check_stamp(path: Path, key: str, kept: list[list[int]] | None, config_file
             saved = json.loads(stamped)
         except ValueError:
             raise HeadpruneError(f"{file}: malformed {key} in the weights' metadata") from None
-        if kept is None or [sorted(k) for k in saved] != kept:
+        if [sorted(k) for k in saved] != [sorted(k) for k in kept]:
             raise HeadpruneError(
                 f"{key} in {config_file} does not match the units the weights in {file.name} were saved with "
                 f"({one_line(stamped, 120)}); the config was edited or belongs to other weights"
@@ -423,8 +423,9 @@ def _load_pruned(path: Path) -> PreTrainedModel:
         raise HeadpruneError(
             f"weights in {weights} do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    _check_stamp(path, KEPT_HEADS_KEY, kept, config_file)
-    _check_stamp(path, KEPT_NEURONS_KEY, neurons, config_file)
+    # against what the model now has: a key left out of the config means every unit of that kind
+    _check_stamp(path, KEPT_HEADS_KEY, instrument.kept_heads(model), config_file)
+    _check_stamp(path, KEPT_NEURONS_KEY, instrument.kept_neurons(model), config_file)
     setattr(model.config, KEPT_HEADS_KEY, instrument.kept_heads(model))
     if raw_neurons is not None:
         setattr(model.config, KEPT_NEURONS_KEY, instrument.kept_neurons(model))
