@@ -22,7 +22,9 @@ What a pruned checkpoint records (in ``config.json``, beside the unchanged origi
 Each class below is the stock transformers classifier whose encoder is resized to those widths
 right after construction; ``from_pretrained`` then loads the saved weights into exactly those
 shapes. The stock forward is used everywhere except in a layer with no heads, whose attention
-returns an empty context (``[B, T, 0]``) instead of running attention over zero heads.
+returns an empty context (``[B, T, 0]``) instead of running attention over zero heads, and in
+MPNet's attention, which first takes the rows of its kept heads from the relative position bias
+the encoder computes once for all heads.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ KEPT_NEURONS = "headprune_kept_neurons"
 
 # model_type -> where its pieces are, as attribute paths (from the base model to the layers; from
 # a layer to the attention module, its query/key/value, the head output projection, and the
-# feed-forward intermediate and output linears) and whether the head output projection sits inside
-# the attention module (DistilBERT).
+# feed-forward intermediate and output linears), whether the head output projection sits inside
+# the attention module (DistilBERT, MPNet), and whether the attention module is handed a per-head
+# relative position bias ``[B, H, T, T]`` computed once for all layers (MPNet).
 FAMILIES: dict[str, dict[str, Any]] = {
     **{
         model_type: {
@@ -55,6 +58,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "layers": "transformer.layer", "attention": "attention", "qkv": ("q_lin", "k_lin", "v_lin"),
         "output": "attention.out_lin", "output_inside_attention": True,
         "intermediate": "ffn.lin1", "ffn_output": "ffn.lin2",
+    },
+    "mpnet": {
+        "layers": "encoder.layer", "attention": "attention.attn", "qkv": ("q", "k", "v"),
+        "output": "attention.attn.o", "output_inside_attention": True,
+        "intermediate": "intermediate.dense", "ffn_output": "output.dense", "position_bias": True,
     },
 }
 
@@ -85,6 +93,17 @@ def _no_heads_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, 
     context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
     inner = getattr(self, "headprune_inner_output", None)
     return (getattr(self, inner)(context) if inner else context), None
+
+
+def _bias_of_kept_heads_forward(
+    self: nn.Module, hidden_states: torch.Tensor, attention_mask: Any = None, position_bias: Any = None,
+    *args: Any, **kwargs: Any,
+) -> Any:
+    # MPNet's encoder computes one relative position bias [B, H, T, T] for the original H heads and
+    # hands it to every layer: a layer keeps the rows of its remaining heads, in their order.
+    if position_bias is not None:
+        position_bias = position_bias[:, self.headprune_bias_heads]
+    return self.headprune_stock_forward(hidden_states, attention_mask, position_bias, *args, **kwargs)
 
 
 def _check(value: Any, key: str, layers: int) -> list[list[int]]:
@@ -121,6 +140,10 @@ def resize_to_config(model: transformers.PreTrainedModel) -> None:
                 if family["output_inside_attention"]:
                     attention.headprune_inner_output = family["output"].rsplit(".", 1)[-1]
                 attention.forward = types.MethodType(_no_heads_forward, attention)
+            elif family.get("position_bias"):
+                attention.headprune_bias_heads = list(keep)
+                attention.headprune_stock_forward = attention.forward
+                attention.forward = types.MethodType(_bias_of_kept_heads_forward, attention)
         if neurons is not None:
             width = len(_check(neurons, KEPT_NEURONS, len(layers))[index])
             old = _get(layer, family["intermediate"])
@@ -177,6 +200,14 @@ class HeadprunedDistilBertForSequenceClassification(transformers.DistilBertForSe
         resize_to_config(self)
 
 
+class HeadprunedMPNetForSequenceClassification(transformers.MPNetForSequenceClassification):
+    """``MPNetForSequenceClassification`` with the pruned widths of its config."""
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        resize_to_config(self)
+
+
 # model_type -> the class ``auto_map`` names for AutoModelForSequenceClassification.
 CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
     "bert": HeadprunedBertForSequenceClassification,
@@ -185,4 +216,5 @@ CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
     "xlm-roberta": HeadprunedXLMRobertaForSequenceClassification,
     "camembert": HeadprunedCamembertForSequenceClassification,
     "distilbert": HeadprunedDistilBertForSequenceClassification,
+    "mpnet": HeadprunedMPNetForSequenceClassification,
 }
