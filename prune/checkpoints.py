@@ -27,8 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ from transformers import PreTrainedModel
 from attribution import instrument
 from attribution.core.cache import base_model_path
 from attribution.core.errors import HeadpruneError, one_line
-from attribution.core.io import apply_umask
+from attribution.core.io import atomic_directory
 from attribution.core.log import get_logger
 from attribution.core.trust import refuse_remote_code, remote_code_allowed
 
@@ -142,8 +140,6 @@ def save_pruned(
     final = Path(directory).expanduser().resolve()
     if final.exists() and not final.is_dir():
         raise HeadpruneError(f"{final} exists and is not a directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     config = model.config
     width = instrument.original_intermediate_size(model)
     neurons = instrument.kept_neurons(model)
@@ -158,23 +154,12 @@ def save_pruned(
                 setattr(config, key, value)
             elif hasattr(config, key):
                 delattr(config, key)
-        model.save_pretrained(tmp, safe_serialization=True)
-        _set_remote_code(tmp, remote_code)
-        _stamp_weights(tmp, recorded)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        apply_umask(tmp)  # mkdtemp and the safetensors writer make them private (0700 / 0600)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(final) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            _set_remote_code(tmp, remote_code)
+            _stamp_weights(tmp, recorded)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     finally:
         for key, (had, value) in previous.items():
             if had:

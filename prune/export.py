@@ -26,9 +26,7 @@ import dataclasses
 import inspect
 import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.core.errors import HeadpruneError
-from attribution.core.io import Record, atomic_output
+from attribution.core.io import Record, atomic_directory, atomic_output
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_FILE = "model.onnx"
@@ -297,9 +295,7 @@ def export_directory(
     """
     final = Path(directory).expanduser().resolve()
     check_export_directory(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
+    with atomic_directory(final) as tmp:
         result = export_and_check(model, tmp / ONNX_FILE, **options)
         model.config.save_pretrained(tmp)
         config_file = tmp / "config.json"
@@ -308,18 +304,6 @@ def export_directory(
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dataclasses.replace(result, path=str(final / ONNX_FILE))
 
 

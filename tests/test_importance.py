@@ -357,3 +357,24 @@ def test_atomic_output_keeps_the_old_file_when_writing_fails(tmp_path):
         assert tmp.suffix == ".png"  # writers that pick the format by suffix still work
         tmp.write_bytes(b"png")
     assert (tmp_path / "figure.png").read_bytes() == b"png"
+
+
+def test_atomic_directory_replaces_only_when_complete(tmp_path):
+    from attribution.core.io import atomic_directory, current_umask
+
+    final = tmp_path / "out" / "model"
+    with atomic_directory(final) as tmp:
+        assert tmp.parent == final.parent and tmp.name.startswith(".model.") and tmp.name.endswith(".tmp")
+        (tmp / "a.txt").write_text("first")
+        (tmp / "a.txt").chmod(0o600)  # as safetensors' writer leaves its files
+    assert (final / "a.txt").read_text() == "first"
+    mask = current_umask()
+    assert final.stat().st_mode & 0o777 == 0o777 & ~mask and (final / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    with pytest.raises(RuntimeError, match="killed"), atomic_directory(final) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("killed")
+    assert (final / "a.txt").read_text() == "first"  # a failed write leaves the old directory
+    with atomic_directory(final) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]  # replaced whole, not merged
+    assert sorted(p.name for p in final.parent.iterdir()) == ["model"]  # no temporary or old copy left

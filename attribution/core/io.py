@@ -15,6 +15,8 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import tempfile
 import threading
 import types
 import typing
@@ -67,6 +69,32 @@ def apply_umask(path: str | os.PathLike[str]) -> None:
         if item.is_symlink():
             continue
         item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a fresh temporary directory beside ``directory`` (``.NAME.XXXXXXXX.tmp``, the name
+    the pipeline's clean-up of killed runs recognises). When the block succeeds, its files get the
+    user's umask (:func:`apply_umask`) and it replaces ``directory`` (an existing one is moved
+    aside first and removed once the new one is in place); when it fails it is removed and
+    ``directory`` is untouched. Refusing a ``directory`` that must not be replaced is the caller's."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        apply_umask(tmp)  # mkdtemp makes it private (0700), safetensors' writer its files (0600)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
