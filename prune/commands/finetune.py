@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base",
         default=defaults.base,
-        help="base encoder: 'minilm' (embedded), a local directory or a hub id (default: %(default)s)",
+        help="base encoder: 'minilm' (embedded), 'mpnet-base' (the mpnet extra), a local directory or a hub id "
+        "(default: %(default)s)",
     )
     parser.add_argument("--data", default=defaults.data, help=DATA_HELP)
     parser.add_argument("--text-column", default=None, help="text column of --data (guessed if omitted)")
