@@ -51,7 +51,7 @@ def score_in_shards(
     if shard_size < 1:
         raise HeadpruneError(f"shard_size must be at least 1, got {shard_size}")
     criterion = make_criterion(criterion, unit=unit, **options)
-    template = copy.deepcopy(criterion)  # unused: each shard starts from a copy of it
+    template = copy.deepcopy(criterion)  # never updated itself: each shard starts from a fresh copy of it
     if max_examples is not None:
         if max_examples < 1:
             raise HeadpruneError(f"max_examples must be positive, got {max_examples}")

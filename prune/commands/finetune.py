@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from attribution.core import processes
     from attribution.core.data import DataSpec, load_splits
     from attribution.core.validate import check_max_length, check_output_dir
-    from prune.finetune import finetune, finetuned_path
+    from prune.finetune import finetuned_path, run_finetune
 
     data: DataSpec | str = args.data
     mapping = split_map(args)
@@ -101,15 +101,8 @@ def run(args: argparse.Namespace) -> int:
     lock = final.parent / f".{final.name}.lock"  # prune.finetune's lock beside the model directory
     had_lock = lock.exists()
     try:
-        result = finetune(
-            args.base,
-            data,
-            train_examples=args.train_examples,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            seed=args.seed,
+        result = run_finetune(
+            config,
             out_dir=args.out,
             progress=not args.quiet,
             mixed_precision=args.mixed_precision,
