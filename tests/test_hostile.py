@@ -238,6 +238,8 @@ CASES: dict[str, Case] = {
     "evaluate-max-length-over-positions": lambda w, t: evaluate(w, t, "--max-length", "65"),
     "evaluate-out-is-a-directory": lambda w, t: evaluate(w, t, "--out", str(existing_dir(t, "r.json"))),
     "evaluate-unknown-split": lambda w, t: evaluate(w, t, "--split", "nosuch"),
+    "evaluate-data-json-of-binary-bytes": lambda w, t: [*evaluate(w, t)[:4], str(write(t, "d.json", b"\x00\xff")),
+                                                        *evaluate(w, t)[5:]],  # fmt: skip
     "evaluate-unknown-metric": lambda w, t: evaluate(w, t, "--metrics", "accuracy,bogus"),
     "evaluate-batch-size-not-a-number": lambda w, t: evaluate(w, t, "--batch-size", "many"),
     # prune: scores files of every wrong kind

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -327,12 +328,16 @@ def _load_raw(name: str) -> datasets.DatasetDict:
             )
         kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         try:
-            return _as_dict(datasets.load_dataset(builder, data_files=str(path), **kwargs))
+            with _builder_errors_raised_not_logged():
+                return _as_dict(datasets.load_dataset(builder, data_files=str(path), **kwargs))
         except Exception as error:
             # a latin-1 CSV (like the tweets corpus) fails to decode as UTF-8: retry once
             if builder == "csv" and _caused_by(error, UnicodeDecodeError):
                 try:
-                    return _as_dict(datasets.load_dataset(builder, data_files=str(path), encoding="latin-1", **kwargs))
+                    with _builder_errors_raised_not_logged():
+                        return _as_dict(
+                            datasets.load_dataset(builder, data_files=str(path), encoding="latin-1", **kwargs)
+                        )
                 except Exception as second:
                     error = second
             raise HeadpruneError(f"could not read data file {name}: {_one_line(error)}") from None
@@ -530,7 +535,23 @@ def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _builder_errors_raised_not_logged() -> Iterator[None]:
+    """datasets' file builders log an unreadable file at ERROR before raising; the raise is
+    reported here as one line, so the log line is held back while a local file loads (and the
+    library's level restored after)."""
+    logger = datasets.utils.logging.get_logger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _one_line(error: BaseException) -> str:
+    if type(error).__name__ == "DatasetGenerationError" and error.__cause__ is not None:
+        error = error.__cause__  # "An error occurred while generating the dataset": the cause says what
     text = str(error).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(error).__name__}: {first}"[:300]
