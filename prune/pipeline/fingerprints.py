@@ -27,9 +27,12 @@ class FileDigest:
 
 def file_digest(path: Path) -> FileDigest:
     """Size and sha256 of ``path`` (read once, in chunks)."""
-    with open(path, "rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        return FileDigest(handle.tell(), digest)
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:  # not hashlib.file_digest: Python 3.11+, and we support 3.10
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileDigest(size, digest.hexdigest())
 
 
 def check_digest(path: Path, recorded: FileDigest) -> str | None:
