@@ -20,9 +20,22 @@ input features: ``H_l * d_h`` context features or ``F_l`` intermediate activatio
   by the current model — so with every sub-layer below (and this layer's attention, for its
   feed-forward block) already refit: each layer is fitted on the inputs the repaired layers below
   really produce (K-prune's bottom-up order).
-- ``Y`` ``[N, D]``: the *dense* model's output of the same projection (before the residual and the
-  LayerNorm, bias included) on the dense model's own forward pass of the same rows.
-- ``N`` counts the non-padding tokens of all calibration batches (padding is excluded).
+- ``Y`` ``[N, D]``, the target (``target=``):
+
+  - ``"stream"`` (default): what makes the LayerNorm after the projection see the *dense* model's
+    input — the dense LayerNorm input (projection output plus residual, dense forward pass of the
+    same rows) minus the residual the *pruned* model adds there. The projection then also absorbs
+    the drift the pruned layers below left in the residual stream, which no later refit can see
+    as such. On the embedded default at 60% of the dense latency: 0.7420 test accuracy against
+    0.7370 for ``"sublayer"``.
+  - ``"sublayer"``: the dense model's output of the same projection (before the residual and the
+    LayerNorm, bias included), as K-prune states it.
+- ``N`` counts the non-padding tokens of all calibration batches (padding is excluded) — except in
+  the last layer of a model whose head reads only the first token (every sequence classifier
+  here, ``instrument.reads_first_token_only``): with ``first_token=True`` (default) that layer is
+  fitted on the first token of each row only, since no other position of it reaches the output.
+  Fitting the tokens that do not matter there spends the few surviving units on them: with it the
+  default above reaches 0.7490 (dense 0.7560) instead of 0.7420.
 - Solve ``min_{W, b} ||X W^T + 1 b^T - Y||^2 + lam ||W||^2`` — the bias is not regularised — from
   the normal equations of the augmented system ``[X, 1]`` in float64, one solve per sub-layer for all
   ``D`` outputs (Cholesky; a singular system, possible only at ``ridge=0``, falls back to the
@@ -75,6 +88,7 @@ from attribution.core.log import get_logger
 log = get_logger("refit")
 
 SUBLAYERS: tuple[str, ...] = ("attention", "ffn")
+TARGETS: tuple[str, ...] = ("sublayer", "stream")
 
 def _projection(model: PreTrainedModel, layer: int, kind: str) -> nn.Linear:
     if kind == "attention":
@@ -158,8 +172,12 @@ class _Rows:
     only after the layer's refits are decided: the next layer's inputs come from the repaired ones.
     """
 
-    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+    def __init__(
+        self, batches: list[dict[str, torch.Tensor]], target: str = "sublayer", first_token_layer: int | None = None
+    ) -> None:
         self.batches = batches
+        self.target = target
+        self.first_token_layer = first_token_layer
         self.layer = 0
         self.model_states: list[torch.Tensor | None] = [None] * len(batches)
         self.dense_states: list[torch.Tensor | None] = [None] * len(batches)
@@ -199,25 +217,46 @@ class _Rows:
             raise HeadpruneError("a module being captured was not reached by the forward pass")
         return [seen[p] for p in range(len(capture))]
 
+    def valid(self, index: int) -> torch.Tensor:
+        """``[B, T]`` bool: the tokens of batch ``index`` the current layer is fitted on — the
+        non-padding ones, or only the first of each row in ``first_token_layer`` (the last layer
+        of a model whose head reads the first token: nothing else there reaches the output)."""
+        valid = self.batches[index]["attention_mask"].bool()
+        if self.layer == self.first_token_layer:
+            valid = torch.zeros_like(valid)
+            valid[:, 0] = True
+        return valid
+
     def run_dense(self, dense: PreTrainedModel, kinds: Sequence[str]) -> None:
-        """Run the dense model's layer ``self.layer`` once per batch: the outputs of its ``kinds``
-        projections on the valid tokens (``self.targets[kind]``, ``[N_b, D]`` each) and its output."""
-        modules = [_projection(dense, self.layer, kind) for kind in kinds]
+        """Run the dense model's layer ``self.layer`` once per batch: the targets of its ``kinds``
+        projections on the valid tokens (``self.targets[kind]``, ``[N_b, D]`` each: the projection's
+        output, or with ``target="stream"`` the input of the LayerNorm after it) and its output."""
+        modules: list[nn.Module] = []
+        for kind in kinds:
+            modules += [_projection(dense, self.layer, kind), instrument.sublayer_norm(dense, self.layer, kind)]
         modules.append(instrument.encoder_layers(dense)[self.layer])
         self.targets = {kind: [] for kind in kinds}
-        for index, batch in enumerate(self.batches):
+        for index in range(len(self.batches)):
             seen = self._forward(dense, self.dense_states[index], index, modules)
-            valid = batch["attention_mask"].bool()
-            for kind, (_, output) in zip(kinds, seen, strict=False):
-                self.targets[kind].append(output[valid])
+            valid = self.valid(index)
+            for position, kind in enumerate(kinds):
+                projected, norm_input = seen[2 * position][1], seen[2 * position + 1][0]
+                self.targets[kind].append((norm_input if self.target == "stream" else projected)[valid])
             self.dense_next[index] = seen[-1][1]
 
-    def inputs(self, model: PreTrainedModel, kind: str, index: int) -> torch.Tensor:
+    def inputs(self, model: PreTrainedModel, kind: str, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pruned model's input to its ``kind`` projection of layer ``self.layer`` on batch
-        ``index``, valid tokens only: ``[N_b, k]``."""
+        ``index``, valid tokens only (``[N_b, k]``), and with ``target="stream"`` the residual
+        ``[N_b, D]`` that the pruned model adds to that projection's output (else None)."""
         projection = _projection(model, self.layer, kind)
-        context = self._forward(model, self.model_states[index], index, [projection])[0][0]
-        return context[self.batches[index]["attention_mask"].bool()]
+        capture: list[nn.Module] = [projection]
+        if self.target == "stream":
+            capture.append(instrument.sublayer_norm(model, self.layer, kind))
+        seen = self._forward(model, self.model_states[index], index, capture)
+        valid = self.valid(index)
+        if self.target != "stream":
+            return seen[0][0][valid], None
+        return seen[0][0][valid], (seen[1][0] - seen[0][1])[valid]
 
     def advance(self, model: PreTrainedModel) -> None:
         """Move both models on to the next layer (call ``run_dense`` for this layer first)."""
@@ -257,8 +296,11 @@ def _sums(model: PreTrainedModel, kind: str, rows: _Rows) -> _Sums:
     cross = torch.zeros(k + 1, projection.out_features, dtype=torch.float64)
     energy, tokens = 0.0, 0
     for index in range(len(rows.batches)):
+        inputs, residual = rows.inputs(model, kind, index)
         target = rows.targets[kind][index].double().cpu()  # [N, D]
-        inputs = rows.inputs(model, kind, index).double().cpu()  # [N, k]
+        if residual is not None:  # "stream": what the projection must add to the pruned residual
+            target = target - residual.double().cpu()
+        inputs = inputs.double().cpu()  # [N, k]
         augmented = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)
         gram += augmented.T @ augmented
         cross += augmented.T @ target
@@ -383,6 +425,8 @@ def refit(
     held_out: Sequence[dict[str, torch.Tensor]] | None = None,
     ridge: float = 1e-3,
     sublayers: Sequence[str] = SUBLAYERS,
+    target: str = "stream",
+    first_token: bool = True,
     progress: bool = True,
 ) -> RefitResult:
     """Refit the output projection (weight and bias) of every pruned sub-layer of ``model``, in
@@ -398,6 +442,11 @@ def refit(
             on them is not applied.
         ridge: relative ridge strength: ``lam = ridge * mean(diag(X^T X))`` (bias unpenalised).
         sublayers: which kinds to refit, a subset of ``("attention", "ffn")``.
+        target: what a refit projection reproduces (module docstring): ``"sublayer"``, the dense
+            projection's output; ``"stream"``, the dense residual stream entering the LayerNorm
+            after it (the projection also absorbs the drift of the pruned residual).
+        first_token: fit the last layer on the first token of each row only, when the model's
+            head reads nothing else (``instrument.reads_first_token_only``); other heads: ignored.
         progress: show a progress bar over the sub-layers.
 
     Returns:
@@ -406,6 +455,8 @@ def refit(
     started = time.perf_counter()
     sublayers = tuple(sublayers)
     _check(model, dense, ridge, sublayers)
+    if target not in TARGETS:
+        raise HeadpruneError(f"refit target must be one of {', '.join(TARGETS)}, got {target!r}")
     calibration = [validate_inputs(model, b) for b in calibration]
     if not calibration:
         raise HeadpruneError("refit needs at least one calibration batch")
@@ -417,8 +468,10 @@ def refit(
     model.eval()
     dense.eval()
     records: list[SublayerRefit] = []
-    rows = _Rows(calibration)
-    checks = _Rows(guard) if guard else None
+    last = len(instrument.encoder_layers(model)) - 1
+    first_token_layer = last if first_token and instrument.reads_first_token_only(model) else None
+    rows = _Rows(calibration, target, first_token_layer)
+    checks = _Rows(guard, target, first_token_layer) if guard else None
     cached = [r for r in (rows, checks) if r is not None]
     bar = tqdm(total=len(targets), desc="refitting sub-layers", unit="sub-layer", disable=not progress)
     try:
@@ -448,5 +501,6 @@ def refit(
         held_out_examples=sum(int(b["input_ids"].shape[0]) for b in guard),
         held_out_tokens=sum(int(b["attention_mask"].sum()) for b in guard),
         seconds=round(time.perf_counter() - started, 3),
-        options={"ridge": ridge, "sublayers": list(sublayers), "guard": bool(guard), "bias": "unpenalised"},
+        options={"ridge": ridge, "sublayers": list(sublayers), "guard": bool(guard), "bias": "unpenalised",
+                 "target": target},
     )

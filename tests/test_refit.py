@@ -66,9 +66,19 @@ def _projection(model, layer, kind):
     return block.ffn.lin2 if model.config.model_type == "distilbert" else block.output.dense
 
 
-def _xy(model, dense, layer, kind, batches):
-    """X (the model's input to the projection) and Y (the dense projection's output) on the valid
-    tokens, by plain hooks on full forward passes."""
+def _norm(model, layer, kind):
+    """The LayerNorm after the sub-layer, spelled out per family (not through instrument)."""
+    block = instrument.encoder_layers(model)[layer]
+    if model.config.model_type == "distilbert":
+        return block.sa_layer_norm if kind == "attention" else block.output_layer_norm
+    return block.attention.output.LayerNorm if kind == "attention" else block.output.LayerNorm
+
+
+def _xy(model, dense, layer, kind, batches, target="stream", first_token=True):
+    """X (the model's input to the projection) and Y on the fitted tokens, by plain hooks on full
+    forward passes. Y is the dense projection's output (``"sublayer"``), or (``"stream"``) the dense
+    LayerNorm's input minus the model's residual (its LayerNorm input minus its projection output).
+    The fitted tokens are the non-padding ones, or with ``first_token`` in the last layer position 0."""
     xs, ys = [], []
     seen: dict[str, torch.Tensor] = {}
 
@@ -80,7 +90,10 @@ def _xy(model, dense, layer, kind, batches):
 
         handles = [
             _projection(model, layer, kind).register_forward_hook(lambda m, a, o: keep("x", a[0])),
+            _projection(model, layer, kind).register_forward_hook(lambda m, a, o: keep("model_out", o)),
+            _norm(model, layer, kind).register_forward_hook(lambda m, a, o: keep("model_norm", a[0])),
             _projection(dense, layer, kind).register_forward_hook(lambda m, a, o: keep("y", o)),
+            _norm(dense, layer, kind).register_forward_hook(lambda m, a, o: keep("dense_norm", a[0])),
         ]
         with torch.no_grad():
             model(**batch)
@@ -88,8 +101,12 @@ def _xy(model, dense, layer, kind, batches):
         for handle in handles:
             handle.remove()
         valid = batch["attention_mask"].bool()
+        if first_token and layer == len(instrument.encoder_layers(model)) - 1:
+            valid = torch.zeros_like(valid)
+            valid[:, 0] = True
+        y = seen["y"] if target == "sublayer" else seen["dense_norm"] - (seen["model_norm"] - seen["model_out"])
         xs.append(seen["x"][valid].double().numpy())
-        ys.append(seen["y"][valid].double().numpy())
+        ys.append(y[valid].double().numpy())
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -107,12 +124,16 @@ def _relative(x, y, weight, bias, dense_bias):
     return float(np.sum((x @ weight.T + bias - y) ** 2) / np.sum((y - dense_bias) ** 2))
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert"])
-def test_refit_is_the_ridge_least_squares_solution_on_bottom_up_inputs(family):
+@pytest.mark.parametrize(
+    ("family", "target", "first_token"),
+    [("bert", "sublayer", False), ("distilbert", "sublayer", False), ("bert", "stream", True),
+     ("distilbert", "stream", False), ("bert", "sublayer", True)],
+)
+def test_refit_is_the_ridge_least_squares_solution_on_bottom_up_inputs(family, target, first_token):
     model, dense = _pruned(family)
     unrefit = copy.deepcopy(model)
     calibration = _batches(model, range(10, 14))
-    result = refit(model, dense, calibration, ridge=1e-3, progress=False)
+    result = refit(model, dense, calibration, ridge=1e-3, target=target, first_token=first_token, progress=False)
     expected = [(0, "attention"), (0, "ffn"), (1, "attention"), (1, "ffn"), (2, "attention"), (2, "ffn")]
     assert [(r.layer, r.kind) for r in result.sublayers] == expected
     assert [r.units for r in result.sublayers] == [2, 19, 0, 25, 3, 0]
@@ -120,7 +141,7 @@ def test_refit_is_the_ridge_least_squares_solution_on_bottom_up_inputs(family):
     for record in result.sublayers:
         layer, kind = record.layer, record.kind
         # X recomputed on the refit model: its layers below are the refit ones (bottom-up)
-        x, y = _xy(model, dense, layer, kind, calibration)
+        x, y = _xy(model, dense, layer, kind, calibration, target, first_token)
         weight, bias, lam = _independent(x, y, 1e-3)
         projection = _projection(model, layer, kind)
         np.testing.assert_allclose(projection.weight.detach().numpy(), weight, rtol=1e-6, atol=1e-6)
@@ -133,12 +154,12 @@ def test_refit_is_the_ridge_least_squares_solution_on_bottom_up_inputs(family):
         )
         assert record.calibration_after == pytest.approx(_relative(x, y, weight, bias, dense_bias), rel=1e-6)
         assert record.calibration_after < record.calibration_before
-        if record.units == 0:  # nothing but the bias: it becomes the mean dense output (FLAP)
+        if record.units == 0:  # nothing but the bias: it becomes the mean target (FLAP)
             np.testing.assert_allclose(projection.bias.detach().numpy(), y.mean(axis=0), atol=1e-10)
     # bottom-up is real: layer 2's inputs differ between the unrefit and the refit model, and a fit on
     # the unrefit inputs is not what refit wrote
-    x_old, y_old = _xy(unrefit, dense, 2, "attention", calibration)
-    x_new, _ = _xy(model, dense, 2, "attention", calibration)
+    x_old, y_old = _xy(unrefit, dense, 2, "attention", calibration, target, first_token)
+    x_new, _ = _xy(model, dense, 2, "attention", calibration, target, first_token)
     assert np.abs(x_old - x_new).max() > 1e-3
     stale, _, _ = _independent(x_old, y_old, 1e-3)
     assert np.abs(instrument.output_projection(model, 2).weight.detach().numpy() - stale).max() > 1e-3

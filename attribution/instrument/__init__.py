@@ -40,6 +40,7 @@ from attribution.instrument.families import (  # noqa: F401
     original_num_heads,
     output_projection,
     submodule,
+    sublayer_norm,
 )
 from attribution.instrument.fastpath import (  # noqa: F401
     first_token_last_layer,
@@ -114,4 +115,5 @@ __all__ = [
     "set_neuron_mask",
     "start_at_layer",
     "submodule",
+    "sublayer_norm",
 ]

@@ -48,6 +48,10 @@ class Family:
     activation: str
     ffn_output: str
     intermediate_size: str
+    # The LayerNorms each sub-layer's output projection feeds, from a layer: their input is the
+    # projection's output plus the sub-layer's residual (all supported families are post-LN).
+    output_norm: str = "attention.output.LayerNorm"
+    ffn_output_norm: str = "output.LayerNorm"
     # How a layer is laid out around its attention (the first-token fast path rebuilds a layer's
     # forward): "bert" (self + output.dense/LayerNorm), "distilbert" (out_lin inside attention,
     # sa_layer_norm) or "mpnet" (o inside attention, attention.LayerNorm).
@@ -77,12 +81,12 @@ FAMILIES: dict[str, Family] = {
     "distilbert": Family(
         "transformer.layer", "attention", "q_lin", "k_lin", "v_lin", "attention.out_lin", True,
         intermediate="ffn.lin1", activation="ffn.activation", ffn_output="ffn.lin2", intermediate_size="hidden_dim",
-        layout="distilbert",
+        output_norm="sa_layer_norm", ffn_output_norm="output_layer_norm", layout="distilbert",
     ),
     "mpnet": Family(
         "encoder.layer", "attention.attn", "q", "k", "v", "attention.attn.o", True,
         intermediate="intermediate.dense", activation="intermediate.intermediate_act_fn", ffn_output="output.dense",
-        intermediate_size="intermediate_size",
+        intermediate_size="intermediate_size", output_norm="attention.LayerNorm",
         layout="mpnet", interface=False, position_bias="encoder", layer_returns_tuple=True,
     ),
 }
@@ -167,6 +171,17 @@ def output_projection(model: PreTrainedModel, layer: int) -> nn.Linear:
     """
     family = model_family(model)
     return submodule(encoder_layers(model)[layer], family.output)  # type: ignore[return-value]
+
+
+def sublayer_norm(model: PreTrainedModel, layer: int, kind: str) -> nn.Module:
+    """The LayerNorm after layer ``layer``'s attention (``kind="attention"``) or feed-forward
+    (``kind="ffn"``) sub-layer; its input ``[B, T, D]`` is the output projection's output plus the
+    sub-layer's residual."""
+    family = model_family(model)
+    if kind not in ("attention", "ffn"):
+        raise HeadpruneError(f"sub-layer kind must be attention or ffn, got {kind!r}")
+    path = family.output_norm if kind == "attention" else family.ffn_output_norm
+    return submodule(encoder_layers(model)[layer], path)
 
 
 def head_size(model: PreTrainedModel) -> int:
