@@ -216,7 +216,7 @@ def test_shipped_analysis_recipe_is_valid(capsys):
 def test_shipped_compress_recipe_is_valid():
     recipe = load_recipe(RECIPES / "tweets-minilm-compress.yaml")
     assert recipe.score is None and recipe.prune is None and recipe.export is None
-    assert recipe.compress is not None and recipe.compress.target.latency == 0.6
+    assert recipe.compress is not None and recipe.compress.target.latency == 0.4
     assert recipe.heal is not None and recipe.heal.budget == "10m"
     assert recipe.quantize is not None and recipe.quantize.per_channel
 
