@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,26 @@ def test_int8_agrees_with_its_fp32_onnx_model(setup, tmp_path, name):
     assert again == result and again.int8_latency_ms == result.int8_latency_ms
     assert result.to_dict()["format"] == "headprune.QuantizedExport"
     assert set(result.to_dict()) - {"format", "version"} == {f.name for f in dataclasses.fields(result)}
+    # where the disagreements lie, recomputed row by row from both models' logits
+    int8 = quantize.onnx_predict_logits(tmp_path / "int8.onnx", tokenizer, rows)
+    noise = sorted(float((fp32[i] - int8[i]).abs().max()) for i in range(ROWS))
+    p99 = float(np.quantile(noise, 0.99))  # linear interpolation, as torch.quantile
+    assert result.p99_abs_diff == pytest.approx(p99, rel=1e-5)
+    decided = [i for i in range(ROWS) if (lambda t: t[0] - t[1])(sorted(fp32[i].tolist(), reverse=True)) > 2 * p99]
+    assert result.decided_rows == pytest.approx(len(decided) / ROWS)
+    same = [int(fp32[i].argmax()) == int(int8[i].argmax()) for i in decided]
+    assert result.decided_agreement == pytest.approx(sum(same) / len(same))
+    assert result.decided_agreement >= result.agreement
+
+
+def test_agreement_by_margin_puts_the_flips_among_near_ties():
+    fp32 = torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.99, 0.0], [0.0, 3.0, 1.0], [0.5, 0.0, 0.49]])
+    int8 = fp32 + torch.tensor([[0.0, 0.05, 0.0], [0.0, 0.03, 0.0], [0.05, 0.0, 0.0], [0.0, 0.0, 0.02]])
+    result = quantize.agreement_by_margin(fp32, int8)  # row 1 flips: its margin 0.01 is under the noise
+    assert result["p99_abs_diff"] == pytest.approx(float(torch.tensor([0.05, 0.03, 0.05, 0.02]).quantile(0.99)))
+    assert result["decided_rows"] == 0.5 and result["decided_agreement"] == 1.0
+    with pytest.raises(HeadpruneError, match="cannot be compared"):
+        quantize.agreement_by_margin(fp32, int8[:2])
 
 
 def test_agreement_check_fails_on_a_broken_int8_model(setup, tmp_path):

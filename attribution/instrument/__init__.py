@@ -39,8 +39,8 @@ from attribution.instrument.families import (  # noqa: F401
     model_family,
     original_num_heads,
     output_projection,
-    submodule,
     sublayer_norm,
+    submodule,
 )
 from attribution.instrument.fastpath import (  # noqa: F401
     first_token_last_layer,

@@ -154,7 +154,24 @@ def compression_blocks(run: RunFiles, figures: Path) -> tuple[list[Block], dict[
             ("table", headers, rows),
         ]
         summary["frontier"] = [{"label": p.label, "metric": p.metric, "speedup": p.speedup} for p in points]
+    if run.quantize is not None:
+        blocks.append(("p", int8_text(run.quantize.result)))
     return blocks, summary
+
+
+def int8_text(result: dict[str, Any]) -> str:
+    """One paragraph on the INT8 model against its FP32 ONNX parent: agreement, and where the
+    disagreements lie (``prune.quantize.QuantizedExport``)."""
+    text = (f"INT8 (ONNX Runtime dynamic quantization) agrees with its FP32 ONNX model on "
+            f"{result['agreement']:.2%} of {result['checked_examples']} rows (largest |Δlogit| "
+            f"{result['max_abs_diff']:.3g}); {result['fp32_bytes'] / 1e6:.1f} MB → "
+            f"{result['int8_bytes'] / 1e6:.1f} MB.")
+    if "decided_rows" in result:  # QuantizedExport version 2
+        text += (f" On the {result['decided_rows']:.1%} of rows whose FP32 top-2 margin exceeds twice the INT8 "
+                 f"noise (99th percentile of the per-row |Δlogit|, {result['p99_abs_diff']:.3g}) it agrees on "
+                 f"{result['decided_agreement']:.2%}" + (": the flips are near-ties of the FP32 model."
+                                                          if result["decided_agreement"] >= 0.995 else "."))
+    return text
 
 
 def run_speedup(points: list[Point], point: Point, batch: str, int8: dict[str, float] | None = None) -> float | None:
