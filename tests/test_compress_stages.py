@@ -75,6 +75,27 @@ def test_frontier_points_are_measured_side_by_side(compressed):
         assert point.predicted_ms is not None and point.predicted_ms > 0
 
 
+def test_the_latency_model_is_fitted_at_the_shape_the_frontier_times(compressed):
+    from prune.pipeline.context import RunContext
+
+    recipe, out, _ = compressed
+    loaded = load_recipe(recipe)
+    ctx = RunContext(loaded, out, progress=False, model_path=str(loaded.model))  # no finetune section
+    timed = ctx.timing_batches[4]["input_ids"]
+    latency = LatencyModel.load(out / "compress" / "latency.json")
+    assert (latency.batch_size, latency.seq_len) == (4, timed.shape[1])
+
+
+def test_prediction_error_compares_fractions_of_the_dense_latency():
+    from prune.report.compression import Point, prediction_error
+
+    dense = Point("dense", 0.8, 1.0, {"32": 600.0}, predicted_ms=400.0, kind="dense")
+    half = Point("half", 0.7, 2.0, {"32": 300.0}, predicted_ms=220.0)  # predicted 0.55 of dense, measured 0.5
+    assert prediction_error(half, dense, "32") == pytest.approx(0.1)
+    assert prediction_error(dense, dense, "32") == pytest.approx(0.0)
+    assert prediction_error(half, dense, "1") is None and prediction_error(half, None, "32") is None
+
+
 def test_heal_is_never_worse_than_where_it_started(compressed):
     _, out, _ = compressed
     heal = HealRun.load(out / "compress" / "heal.json")
@@ -90,6 +111,7 @@ def test_int8_is_checked_against_its_fp32_parent_and_timed_beside_dense_pytorch(
     assert 0 <= run.result["agreement"] <= 1 and run.result["int8_metrics"]
     report = (out / "report.md").read_text()
     assert "final model, INT8 ONNX" in report and "final model, healed" in report
+    assert f"agrees with its FP32 ONNX model on {run.result['agreement']:.2%}" in report
 
 
 def test_rerun_skips_every_compression_stage(compressed):

@@ -135,11 +135,11 @@ def compression_blocks(run: RunFiles, figures: Path) -> tuple[list[Block], dict[
         path = plot_frontier(points, name, batch, figures / "frontier.png")
         sizes = [str(b) for b in run.frontier.batch_sizes]
         headers = ["model", "heads", "neurons", name] + [f"ms (batch {b})" for b in sizes] + \
-                  [f"speed-up (batch {b})" for b in sizes] + ["predicted ms", "prediction error"]
+                  [f"speed-up (batch {b})" for b in sizes] + ["predicted ms", "prediction error of the fraction"]
         rows = []
+        dense = next((p for p in points if p.kind == "dense"), None)
         for p in points:
-            measured = p.latency_ms.get(batch)
-            error = (p.predicted_ms / measured - 1) if p.predicted_ms and measured else None
+            error = prediction_error(p, dense, batch)
             int8 = run.quantize.speedup_vs_torch if run.quantize is not None else None
             speedups = [_fmt(run_speedup(points, p, b, int8), "{:.2f}×") for b in sizes]
             rows.append([p.label, _fmt(p.heads, "{}"), _fmt(p.neurons, "{}"), f"{p.metric:.4f}"]
@@ -149,7 +149,9 @@ def compression_blocks(run: RunFiles, figures: Path) -> tuple[list[Block], dict[
             ("p", f"The frontier: {name} on {run.frontier.split} ({run.frontier.examples} rows) against latency "
                   f"measured side by side with the dense model ({run.frontier.threads} thread(s), median of "
                   "interleaved repeats; INT8 timed in ONNX Runtime against dense PyTorch). The latency model's "
-                  f"prediction (batch {batch}) is shown beside each measurement."),
+                  f"prediction (batch {batch}) is shown beside each measurement; its error is that of the "
+                  "predicted fraction of the dense latency against the measured fraction (absolute times "
+                  "drift with the load of a shared machine between stages, ratios measured side by side do not)."),
             ("img", path, "accuracy-latency frontier"),
             ("table", headers, rows),
         ]
@@ -172,6 +174,17 @@ def int8_text(result: dict[str, Any]) -> str:
                  f"{result['decided_agreement']:.2%}" + (": the flips are near-ties of the FP32 model."
                                                           if result["decided_agreement"] >= 0.995 else "."))
     return text
+
+
+def prediction_error(point: Point, dense: Point | None, batch: str) -> float | None:
+    """``predicted fraction / measured fraction - 1``, the fractions of the dense model's latency
+    (predicted by the latency model; measured side by side at ``batch``); None when either is unknown."""
+    if dense is None or not point.predicted_ms or not dense.predicted_ms:
+        return None
+    measured, dense_measured = point.latency_ms.get(batch), dense.latency_ms.get(batch)
+    if not measured or not dense_measured:
+        return None
+    return (point.predicted_ms / dense.predicted_ms) / (measured / dense_measured) - 1
 
 
 def run_speedup(points: list[Point], point: Point, batch: str, int8: dict[str, float] | None = None) -> float | None:
