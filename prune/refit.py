@@ -506,5 +506,5 @@ def refit(
         held_out_tokens=sum(int(b["attention_mask"].sum()) for b in guard),
         seconds=round(time.perf_counter() - started, 3),
         options={"ridge": ridge, "sublayers": list(sublayers), "guard": bool(guard), "bias": "unpenalised",
-                 "target": target},
+                 "target": target, "first_token": first_token_layer is not None},
     )

@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from prune.latency_blocks import pin_malloc_thresholds  # noqa: E402
 from prune.pipeline import run_recipe  # noqa: E402
+from prune.pipeline.artifacts import StageTiming  # noqa: E402
 from prune.recipe import load_recipe  # noqa: E402
-from prune.report.compression import frontier_points, run_speedup  # noqa: E402
+from prune.report.compression import frontier_points, prediction_error, run_speedup  # noqa: E402
 from prune.report.run_files import RunFiles  # noqa: E402
 
 
@@ -48,14 +49,15 @@ def main() -> int:
         f"{'b=' + b + ' ms':>10} {'speed-up':>8}" for b in sizes
     ) + f" {'predicted':>9} {'error':>7}"
     print(header)
+    dense = next((p for p in points if p.kind == "dense"), None)
     for p in points:
         cells = []
         for b in sizes:
             ms, speed = p.latency_ms.get(b), run_speedup(points, p, b, int8)
             cells.append(f"{ms:10.1f}" if ms is not None else f"{'-':>10}")
             cells.append(f"{speed:7.2f}x" if speed is not None else f"{'-':>8}")
-        measured = p.latency_ms.get(batch)
-        error = f"{p.predicted_ms / measured - 1:+7.1%}" if p.predicted_ms and measured else f"{'-':>7}"
+        fraction_error = prediction_error(p, dense, batch)  # of the fraction of dense latency
+        error = f"{fraction_error:+7.1%}" if fraction_error is not None else f"{'-':>7}"
         predicted = f"{p.predicted_ms:9.1f}" if p.predicted_ms else f"{'-':>9}"
         heads = f"{p.heads:>5}" if p.heads is not None else f"{'-':>5}"
         neurons = f"{p.neurons:>7}" if p.neurons is not None else f"{'-':>7}"
@@ -64,7 +66,15 @@ def main() -> int:
     if final is not None:
         print(f"\nfinal ({final.target} {final.fraction:g}): " + ", ".join(
             f"{name} {values[metric]:.4f}" for name, values in final.metrics.items()
-        ) + f"; compress stage {final.seconds:.0f} s")
+        ))
+    stages = Path(args.out) / "stages"
+    seconds = {
+        name: StageTiming.load(stages / f"{name}.time.json").seconds
+        for name in ("compress-score", "latency-model", "compress", "frontier", "heal", "quantize")
+        if (stages / f"{name}.time.json").is_file()
+    }
+    if seconds:
+        print("stage seconds (when last run): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     return 0
 
 
