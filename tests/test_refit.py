@@ -61,6 +61,8 @@ def _pruned(family="bert", seed=0, std=0.3, neurons=True, dtype=torch.float64):
 
 def _projection(model, layer, kind):
     block = instrument.encoder_layers(model)[layer]
+    if kind == "attention" and model.config.model_type == "mpnet":
+        return block.attention.attn.o
     if kind == "attention":
         return block.attention.out_lin if model.config.model_type == "distilbert" else block.attention.output.dense
     return block.ffn.lin2 if model.config.model_type == "distilbert" else block.output.dense
@@ -71,6 +73,8 @@ def _norm(model, layer, kind):
     block = instrument.encoder_layers(model)[layer]
     if model.config.model_type == "distilbert":
         return block.sa_layer_norm if kind == "attention" else block.output_layer_norm
+    if model.config.model_type == "mpnet":
+        return block.attention.LayerNorm if kind == "attention" else block.output.LayerNorm
     return block.attention.output.LayerNorm if kind == "attention" else block.output.LayerNorm
 
 
@@ -127,7 +131,7 @@ def _relative(x, y, weight, bias, dense_bias):
 @pytest.mark.parametrize(
     ("family", "target", "first_token"),
     [("bert", "sublayer", False), ("distilbert", "sublayer", False), ("bert", "stream", True),
-     ("distilbert", "stream", False), ("bert", "sublayer", True)],
+     ("distilbert", "stream", False), ("bert", "sublayer", True), ("mpnet", "stream", True)],
 )
 def test_refit_is_the_ridge_least_squares_solution_on_bottom_up_inputs(family, target, first_token):
     model, dense = _pruned(family)
