@@ -160,3 +160,18 @@ def test_cli_heal_saves_a_model_never_worse_than_it_started(tmp_path, capsys):
     healed, _ = load_model(str(out))
     assert healed.config.headprune_kept_heads[0] == [2, 3]  # still the pruned architecture
     assert not (out / ".heal").exists() and "saved ->" in capsys.readouterr().out
+
+
+def test_a_latency_target_reachable_only_by_removing_every_unit_is_one_line(tmp_path, capsys):
+    """Known only once the latency model is fitted: the run stops at the compress stage with exit 2
+    and one line naming the smallest reachable fraction; no compressed model is written."""
+    from prune.cli import main
+
+    compress = COMPRESS["compress"].replace("target: {flops: 0.6}", "target: {latency: 0.001}")
+    recipe = tiny_recipe(tmp_path, **{**COMPRESS, "compress": compress, "heal": "", "quantize": ""})
+    out = tmp_path / "out"
+    capsys.readouterr()  # what building the tiny model printed
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "only by removing every unit" in err and "minimum reachable" in err
+    assert not (out / "compress" / "model").exists() and not (out / "compress" / "compress.json").exists()
