@@ -25,7 +25,7 @@ from prune.latency_blocks import pin_malloc_thresholds  # noqa: E402
 from prune.pipeline import run_recipe  # noqa: E402
 from prune.pipeline.artifacts import StageTiming  # noqa: E402
 from prune.recipe import load_recipe  # noqa: E402
-from prune.report.compression import frontier_points, prediction_error, run_speedup  # noqa: E402
+from prune.report.compression import frontier_points, predicted_batch, prediction_error, run_speedup  # noqa: E402
 from prune.report.run_files import RunFiles  # noqa: E402
 
 
@@ -48,15 +48,16 @@ def main() -> int:
     header = f"{'model':<44} {'heads':>5} {'neurons':>7} {metric:>8} " + " ".join(
         f"{'b=' + b + ' ms':>10} {'speed-up':>8}" for b in sizes
     ) + f" {'predicted':>9} {'error':>7}"
-    print(header)
     dense = next((p for p in points if p.kind == "dense"), None)
+    predicted_at = predicted_batch(run.frontier, batch)
+    print(header + f"  (predicted ms and its error: batch {predicted_at})")
     for p in points:
         cells = []
         for b in sizes:
             ms, speed = p.latency_ms.get(b), run_speedup(points, p, b, int8)
             cells.append(f"{ms:10.1f}" if ms is not None else f"{'-':>10}")
             cells.append(f"{speed:7.2f}x" if speed is not None else f"{'-':>8}")
-        fraction_error = prediction_error(p, dense, batch)  # of the fraction of dense latency
+        fraction_error = prediction_error(p, dense, predicted_at)  # of the fraction of dense latency
         error = f"{fraction_error:+7.1%}" if fraction_error is not None else f"{'-':>7}"
         predicted = f"{p.predicted_ms:9.1f}" if p.predicted_ms else f"{'-':>9}"
         heads = f"{p.heads:>5}" if p.heads is not None else f"{'-':>5}"

@@ -84,6 +84,7 @@ def test_the_latency_model_is_fitted_at_the_shape_the_frontier_times(compressed)
     timed = ctx.timing_batches[4]["input_ids"]
     latency = LatencyModel.load(out / "compress" / "latency.json")
     assert (latency.batch_size, latency.seq_len) == (4, timed.shape[1])
+    assert FrontierRun.load(out / "compress" / "frontier.json").predicted_batch_size == 4  # what the report judges
 
 
 def test_prediction_error_compares_fractions_of_the_dense_latency():
@@ -94,6 +95,12 @@ def test_prediction_error_compares_fractions_of_the_dense_latency():
     assert prediction_error(half, dense, "32") == pytest.approx(0.1)
     assert prediction_error(dense, dense, "32") == pytest.approx(0.0)
     assert prediction_error(half, dense, "1") is None and prediction_error(half, None, "32") is None
+    from prune.report.compression import predicted_batch
+
+    old = FrontierRun(split="test", examples=1, metric="accuracy", batch_sizes=[1, 32], threads=1, points=[])
+    assert predicted_batch(old, "32") == "32"  # written before the batch size was recorded
+    old.predicted_batch_size = 1
+    assert predicted_batch(old, "32") == "1"
 
 
 def test_heal_is_never_worse_than_where_it_started(compressed):

@@ -221,6 +221,7 @@ class FrontierRun(Record):
     batch_sizes: list[int]
     threads: int
     points: list[FrontierPoint]
+    predicted_batch_size: int | None = None  # the latency model's batch size (its predictions are for it)
 
 
 @dataclass

@@ -138,8 +138,9 @@ def compression_blocks(run: RunFiles, figures: Path) -> tuple[list[Block], dict[
                   [f"speed-up (batch {b})" for b in sizes] + ["predicted ms", "prediction error of the fraction"]
         rows = []
         dense = next((p for p in points if p.kind == "dense"), None)
+        predicted = predicted_batch(run.frontier, batch)
         for p in points:
-            error = prediction_error(p, dense, batch)
+            error = prediction_error(p, dense, predicted)
             int8 = run.quantize.speedup_vs_torch if run.quantize is not None else None
             speedups = [_fmt(run_speedup(points, p, b, int8), "{:.2f}×") for b in sizes]
             rows.append([p.label, _fmt(p.heads, "{}"), _fmt(p.neurons, "{}"), f"{p.metric:.4f}"]
@@ -149,7 +150,7 @@ def compression_blocks(run: RunFiles, figures: Path) -> tuple[list[Block], dict[
             ("p", f"The frontier: {name} on {run.frontier.split} ({run.frontier.examples} rows) against latency "
                   f"measured side by side with the dense model ({run.frontier.threads} thread(s), median of "
                   "interleaved repeats; INT8 timed in ONNX Runtime against dense PyTorch). The latency model's "
-                  f"prediction (batch {batch}) is shown beside each measurement; its error is that of the "
+                  f"prediction (batch {predicted}) is shown beside each measurement; its error is that of the "
                   "predicted fraction of the dense latency against the measured fraction (absolute times "
                   "drift with the load of a shared machine between stages, ratios measured side by side do not)."),
             ("img", path, "accuracy-latency frontier"),
@@ -174,6 +175,13 @@ def int8_text(result: dict[str, Any]) -> str:
                  f"{result['decided_agreement']:.2%}" + (": the flips are near-ties of the FP32 model."
                                                           if result["decided_agreement"] >= 0.995 else "."))
     return text
+
+
+def predicted_batch(frontier: Any, default: str) -> str:
+    """The batch size the frontier's predictions are for (the latency model's), as a string key;
+    ``default`` for frontier files written before it was recorded."""
+    size = getattr(frontier, "predicted_batch_size", None)
+    return str(size) if size is not None else default
 
 
 def prediction_error(point: Point, dense: Point | None, batch: str) -> float | None:

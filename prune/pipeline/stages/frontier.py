@@ -88,6 +88,7 @@ class FrontierStage(Stage):
         run = FrontierRun(
             split=evaluation.split, examples=len(data), metric=evaluation.metrics[0],
             batch_sizes=[int(b) for b in ctx.timing_batches], threads=threads(ctx), points=points,
+            predicted_batch_size=latency.batch_size,
         )
         run.save(ctx.out / "compress" / "frontier.json")
         for p in points:
