@@ -86,6 +86,31 @@ def evaluate(
     )
 
 
+def evaluation_rows(
+    data: DataSpec | str = "tweets",
+    *,
+    split: str = "test",
+    max_examples: int | None = None,
+    max_length: int | None = None,
+) -> tuple[DataSpec, Any]:
+    """``(spec, rows)``: the data spec (``max_length`` applied) and the first ``max_examples`` rows
+    of its ``split`` — what ``evaluate_model`` evaluates."""
+    from attribution.core.data import as_spec, load_splits
+
+    spec = as_spec(data)
+    if max_length is not None:
+        spec = DataSpec(**{**asdict(spec), "max_length": max_length})
+    splits = load_splits(spec)
+    if split not in splits:
+        raise HeadpruneError(f"no split {split!r} in {spec.name}; choose one of {', '.join(splits)}")
+    dataset = splits[split]
+    if max_examples is not None:
+        if max_examples < 1:
+            raise HeadpruneError(f"max_examples must be positive, got {max_examples}")
+        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    return spec, dataset
+
+
 def evaluate_model(
     model: str,
     data: DataSpec | str = "tweets",
@@ -100,20 +125,8 @@ def evaluate_model(
     """Load ``model`` (anything ``prune.checkpoints.load_model`` takes: ``"default"``, a pruned or
     dense directory, a hub id) and evaluate it on ``split`` of ``data`` (a ``DataSpec``, or
     ``"tweets"``, a hub name or a local file; see ``attribution.core.data.load_splits``)."""
-    from attribution.core.data import as_spec, load_splits
-
     check_metrics(metrics)  # before the data and the model are loaded
-    spec = as_spec(data)
-    if max_length is not None:
-        spec = DataSpec(**{**asdict(spec), "max_length": max_length})
-    splits = load_splits(spec)
-    if split not in splits:
-        raise HeadpruneError(f"no split {split!r} in {spec.name}; choose one of {', '.join(splits)}")
-    dataset = splits[split]
-    if max_examples is not None:
-        if max_examples < 1:
-            raise HeadpruneError(f"max_examples must be positive, got {max_examples}")
-        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    spec, dataset = evaluation_rows(data, split=split, max_examples=max_examples, max_length=max_length)
     from prune.checkpoints import load_model
 
     loaded, tokenizer = load_model(model, progress=progress)

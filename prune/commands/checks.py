@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from attribution.core.errors import HeadpruneError
-from attribution.core.validate import check_classes, check_finite, check_max_length, check_seed
+from attribution.core.validate import check_classes, check_finite, check_max_length
 
 __all__ = [
     "add_max_length_argument",
@@ -21,7 +21,6 @@ __all__ = [
     "checked_scores",
     "fitted_max_length",
     "parse_fractions",
-    "preflight",
 ]
 
 
@@ -103,21 +102,3 @@ def checked_scores(path: str, model: Any, name: str = "--scores") -> Any:
         raise HeadpruneError(f"{name} {path}: {error}") from None
     return scores
 
-
-def preflight(
-    model: str,
-    *,
-    data: Any = None,
-    max_length: int | None = None,
-    seed: int | None = None,
-    split: str | None = None,
-    progress: bool = True,
-) -> Any:
-    """Load ``model`` (and ``data``) once before a library call that loads them again, so that
-    every input problem is reported before anything is written; returns the loaded model."""
-    if seed is not None:
-        check_seed(seed, "--seed")
-    loaded, _ = checked_model(model, max_length=max_length, progress=progress)
-    if data is not None:
-        checked_data(data, loaded, split)
-    return loaded

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from attribution.core import processes
     from attribution.core.errors import HeadpruneError
     from attribution.core.validate import check_output_file
-    from prune.commands.checks import at_least, checked_data, fitted_max_length, preflight
-    from prune.evaluate import evaluate_model
+    from prune.commands.checks import at_least, checked_data, checked_model, fitted_max_length
+    from prune.evaluate import evaluate, evaluation_rows
     from prune.metrics import compute_metrics
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -60,19 +60,24 @@ def run(args: argparse.Namespace) -> int:
     at_least(args, 1, "batch_size", "max_examples")
     if args.out:
         check_output_file(args.out)
-    model = preflight(args.model, max_length=args.max_length, progress=not args.quiet)
+    # the model is loaded once, and it and the data are checked before anything is written
+    model, tokenizer = checked_model(args.model, max_length=args.max_length, progress=not args.quiet)
     args.max_length = fitted_max_length(model, args.max_length, 64)
     checked_data(data_spec(args), model, args.split)
-    del model
-    result = evaluate_model(
-        args.model,
-        data_spec(args),
-        split=args.split,
+    spec, rows = evaluation_rows(
+        data_spec(args), split=args.split, max_examples=args.max_examples, max_length=args.max_length
+    )
+    result = evaluate(
+        model,
+        tokenizer,
+        rows,
         metrics=metrics,
-        max_examples=args.max_examples,
         batch_size=args.batch_size,
-        max_length=args.max_length,
+        max_length=spec.max_length,
         progress=not args.quiet,
+        model_name=args.model,
+        data_name=spec.name,
+        split=args.split,
     )
     if processes.is_main_process():
         if args.out:
