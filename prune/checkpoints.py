@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from attribution import instrument
 from attribution.core.cache import base_model_path
-from attribution.core.errors import HeadpruneError, one_line
+from attribution.core.errors import HeadpruneError, one_line, raised_by
 from attribution.core.io import atomic_directory
 from attribution.core.log import get_logger
 from attribution.core.trust import refuse_remote_code, remote_code_allowed
@@ -228,7 +228,7 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 def _unreadable_weights(error: BaseException) -> bool:
     """An error of the safetensors reader (truncated or random bytes), or of the OS reading a file."""
-    return type(error).__module__.split(".")[0] == "safetensors" or isinstance(error, OSError)
+    return raised_by(error, "safetensors") or isinstance(error, OSError)
 
 
 # Beside the config, the safetensors header records which original heads/neurons the weights hold:
@@ -288,7 +288,7 @@ def _load_dense(target: str, shown: str, *, local_files_only: bool) -> PreTraine
             target, local_files_only=local_files_only, trust_remote_code=remote_code_allowed()
         )
     except Exception as error:
-        if type(error).__module__.split(".")[0] == "safetensors":
+        if raised_by(error, "safetensors"):
             raise HeadpruneError(f"unreadable weights in {shown}: {one_line(str(error), 200)}") from None
         if not isinstance(error, (OSError, ValueError, KeyError, RuntimeError, ImportError)):
             raise
@@ -309,15 +309,11 @@ def _load_tokenizer(target: str, shown: str, *, local_files_only: bool) -> Any:
             target, local_files_only=local_files_only or path.is_dir(), trust_remote_code=remote_code_allowed()
         )
     except Exception as error:
-        if not isinstance(error, (OSError, ValueError, KeyError, ImportError)) and not _from_tokenizers(error):
+        if not isinstance(error, (OSError, ValueError, KeyError, ImportError)) and not raised_by(error, "tokenizers"):
             raise
         raise HeadpruneError(
             f"cannot load the tokenizer of {shown!r} ({type(error).__name__}: {_first_line(error)})"
         ) from None
-
-
-def _from_tokenizers(error: BaseException) -> bool:
-    return type(error).__module__.split(".")[0] == "tokenizers"
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:

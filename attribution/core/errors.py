@@ -21,8 +21,10 @@ def one_line(text: str, limit: int = _MAX_CHARS) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-def _from_module(error: BaseException, *prefixes: str) -> bool:
-    return any(type(error).__module__.split(".")[0] == prefix for prefix in prefixes)
+def raised_by(error: BaseException, *packages: str) -> bool:
+    """True when ``error``'s class comes from one of ``packages`` (top-level names: ``"safetensors"``,
+    ``"tokenizers"``): errors of readers that have no common base class of their own."""
+    return type(error).__module__.split(".")[0] in packages
 
 
 def describe_error(error: BaseException) -> tuple[str, int]:
@@ -45,10 +47,10 @@ def describe_error(error: BaseException) -> tuple[str, int]:
         return one_line(f"a file is not UTF-8 text (byte {error.start}: {error.reason})"), BAD_INPUT
     if isinstance(error, json.JSONDecodeError):
         return one_line(f"invalid JSON ({error.msg} at line {error.lineno}, column {error.colno})"), BAD_INPUT
-    if _from_module(error, "safetensors"):
+    if raised_by(error, "safetensors"):
         return one_line(f"unreadable safetensors weights: {error}"), BAD_INPUT
-    if _from_module(error, "yaml"):
+    if raised_by(error, "yaml"):
         return one_line(f"invalid YAML: {getattr(error, 'problem', None) or error}"), BAD_INPUT
-    if _from_module(error, "tokenizers"):
+    if raised_by(error, "tokenizers"):
         return one_line(f"tokenizer error: {error}"), BAD_INPUT
     return one_line(f"{type(error).__name__}: {error}"), UNEXPECTED
