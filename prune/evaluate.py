@@ -95,7 +95,7 @@ def evaluation_rows(
 ) -> tuple[DataSpec, Any]:
     """``(spec, rows)``: the data spec (``max_length`` applied) and the first ``max_examples`` rows
     of its ``split`` — what ``evaluate_model`` evaluates."""
-    from attribution.core.data import as_spec, load_splits
+    from attribution.core.data import as_spec, first_rows, load_splits
 
     spec = as_spec(data)
     if max_length is not None:
@@ -103,12 +103,7 @@ def evaluation_rows(
     splits = load_splits(spec)
     if split not in splits:
         raise HeadpruneError(f"no split {split!r} in {spec.name}; choose one of {', '.join(splits)}")
-    dataset = splits[split]
-    if max_examples is not None:
-        if max_examples < 1:
-            raise HeadpruneError(f"max_examples must be positive, got {max_examples}")
-        dataset = dataset.select(range(min(max_examples, len(dataset))))
-    return spec, dataset
+    return spec, first_rows(splits[split], max_examples)
 
 
 def evaluate_model(

@@ -122,6 +122,16 @@ def parse_split_map(items: Sequence[str]) -> dict[str, str]:
     return check_split_map(pairs)
 
 
+def first_rows(dataset: Any, max_examples: int | None) -> Any:
+    """The first ``max_examples`` rows of ``dataset`` (all of them when None or fewer); a
+    ``max_examples`` below 1 is a one-line error."""
+    if max_examples is None:
+        return dataset
+    if max_examples < 1:
+        raise HeadpruneError(f"max_examples must be positive, got {max_examples}")
+    return dataset.select(range(min(max_examples, len(dataset))))
+
+
 def as_spec(spec: DataSpec | str) -> DataSpec:
     """A ``DataSpec`` from a spec or a bare name."""
     if isinstance(spec, DataSpec):

@@ -498,13 +498,10 @@ def score_dataset(
     batches rows of similar length together (less padding; the same scores up to summation order).
     """
     from attribution.core import processes
-    from attribution.core.data import iter_batches
+    from attribution.core.data import first_rows, iter_batches
 
     criterion = make_criterion(criterion, unit=unit, **options)
-    if max_examples is not None:
-        if max_examples < 1:
-            raise HeadpruneError(f"max_examples must be positive, got {max_examples}")
-        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    dataset = first_rows(dataset, max_examples)
     if len(dataset) == 0:
         raise HeadpruneError(f"no examples to score {UNITS[unit].plural} on")
     instrument.model_family(model)

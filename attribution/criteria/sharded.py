@@ -46,16 +46,13 @@ def score_in_shards(
     ``provenance`` records ``shard_size`` (which the float sums depend on), not the number of
     processes (which they do not): one process and several write the same file.
     """
-    from attribution.core.data import iter_batches
+    from attribution.core.data import first_rows, iter_batches
 
     if shard_size < 1:
         raise HeadpruneError(f"shard_size must be at least 1, got {shard_size}")
     criterion = make_criterion(criterion, unit=unit, **options)
     template = copy.deepcopy(criterion)  # never updated itself: each shard starts from a fresh copy of it
-    if max_examples is not None:
-        if max_examples < 1:
-            raise HeadpruneError(f"max_examples must be positive, got {max_examples}")
-        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    dataset = first_rows(dataset, max_examples)
     if len(dataset) == 0:
         raise HeadpruneError(f"no examples to score {UNITS[unit].plural} on")
     main = not processes.is_distributed() or processes.is_main_process()
